@@ -1,0 +1,50 @@
+# Two commands for a fresh machine: `make train` and `make test`. Both create .venv, install the
+# package, and make sure Fashion-MNIST is there.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+ARGS ?=
+
+.PHONY: help install data train test nightly benchmark clean
+
+help:
+	@echo "make train [ARGS='attention=cbam_parallel ...']   train the default job (CIFAR ResNet-20 + CBAM, Fashion-MNIST)"
+	@echo "make test                                         fast tests (< 10 min on 2 CPU cores)"
+	@echo "make nightly                                      every test, the slow ones too"
+	@echo "make benchmark                                    model statistics and speed tables"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Debian's dataset-fashion-mnist puts the four IDX files in $(FMNIST); without root or apt-get,
+# train.py falls back to torchvision's download.
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "note: $(FMNIST) is missing and apt-get needs root; train.py will try torchvision's download"; \
+	fi
+
+train: install data
+	$(BIN)/python train.py $(ARGS)
+
+test: install data
+	$(BIN)/python -m pytest
+
+nightly: install data
+	$(BIN)/python -m pytest -m ''
+
+benchmark: install
+	$(BIN)/python scripts/model_stats.py
+	$(BIN)/python scripts/model_stats.py model=resnet20 data=cifar10
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""cbam-ablate: measured ablations of CBAM and its proposed improvements."""

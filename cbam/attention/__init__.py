@@ -1,0 +1,5 @@
+from .channel import ChannelGate
+from .module import ChannelSpatialAttention
+from .spatial import SpatialGate
+
+__all__ = ["ChannelGate", "ChannelSpatialAttention", "SpatialGate"]

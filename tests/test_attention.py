@@ -1,0 +1,263 @@
+"""Every attention variant against an independent float64 reference of the post's arithmetic."""
+
+import inspect
+
+import pytest
+from timm.layers.cbam import CbamModule
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from cbam.attention import ChannelSpatialAttention
+from conftest import CONF, compose_config
+
+VARIANTS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
+
+
+def make(variant: str, channels: int, *overrides: str):
+    cfg = compose_config("model_stats", f"attention={variant}", *overrides)
+    return instantiate(cfg.attention)(channels).double()
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> dict:
+    """Give every parameter and BN buffer a random value; return them by state_dict name."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in module.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = t
+        elif name.endswith("running_var"):
+            state[name] = torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5
+        else:
+            state[name] = torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.5
+    module.load_state_dict(state)
+    return {k: v.clone() for k, v in state.items()}
+
+
+# ---- the reference: the post's formulas, written out with explicit weights ----
+
+EPS = 1e-5
+
+
+def bn(x, sd, prefix, training):
+    """BatchNorm over every axis but the channel axis (dim 1)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if training:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    else:
+        mean, var = sd[prefix + "running_mean"], sd[prefix + "running_var"]
+    x_hat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + EPS)
+    return x_hat * sd[prefix + "weight"].view(shape) + sd[prefix + "bias"].view(shape)
+
+
+def mlp(v, sd, prefix, *, with_bn=False, with_bias=False, training=False):
+    """v: (N, C) pooled descriptor -> (N, C). Layers C -> h [-> BN] -> ReLU -> C [-> BN]."""
+    w1, w2 = sd[prefix + "0.weight"].flatten(1), sd[prefix + "3.weight"].flatten(1)
+    h = v @ w1.T + (sd[prefix + "0.bias"] if with_bias else 0)
+    if with_bn:
+        h = bn(h, sd, prefix + "1.", training)
+    h = torch.relu(h)
+    out = h @ w2.T + (sd[prefix + "3.bias"] if with_bias else 0)
+    if with_bn:
+        out = bn(out, sd, prefix + "4.", training)
+    return out
+
+
+def channel_map(x, mlp_avg, mlp_max):
+    """Mc = sigmoid(MLP(AvgPool(x)) + MLP(MaxPool(x))), shaped (N, C, 1, 1)."""
+    avg = x.mean(dim=(2, 3))
+    mx = x.flatten(2).max(dim=2).values
+    return torch.sigmoid(mlp_avg(avg) + mlp_max(mx))[:, :, None, None]
+
+
+def spatial_map(x, conv_stack, *, max_first=False, residual=False):
+    """Ms = sigmoid(f([AvgPool_c(x); MaxPool_c(x)])), shaped (N, 1, H, W)."""
+    avg, mx = x.mean(dim=1, keepdim=True), x.max(dim=1, keepdim=True).values
+    cat = torch.cat([mx, avg] if max_first else [avg, mx], dim=1)
+    out = conv_stack(cat)
+    if residual:
+        out = out + cat.mean(dim=1, keepdim=True)
+    return torch.sigmoid(out)
+
+
+def conv(x, w, bias=None):
+    return F.conv2d(x, w, bias, padding=w.shape[-1] // 2)
+
+
+def reference(variant, x, sd, training):
+    shared = lambda **kw: lambda v: mlp(v, sd, "channel.mlp.", training=training, **kw)  # noqa: E731
+    single_conv = lambda m: conv(m, sd["spatial.conv.0.weight"])  # noqa: E731
+
+    def deep_stack(m):  # improvement 2: 2->32 (k), BN, ReLU, 32->1 (k), BN
+        h = torch.relu(bn(conv(m, sd["spatial.conv.0.weight"]), sd, "spatial.conv.1.", training))
+        return bn(conv(h, sd["spatial.conv.3.weight"]), sd, "spatial.conv.4.", training)
+
+    def sequential(x, mc, ms):
+        y = x * mc(x)
+        return y * ms(y)
+
+    if variant in ("cbam", "cbam_dynamic_ratio", "cbam_he_init"):
+        return sequential(x, lambda t: channel_map(t, shared(), shared()), lambda t: spatial_map(t, single_conv))
+    if variant == "cbam_separate_bn":
+        branch = lambda i: lambda v: mlp(v, sd, f"channel.mlps.{i}.", with_bn=True, training=training)  # noqa: E731
+        return sequential(x, lambda t: channel_map(t, branch(0), branch(1)), lambda t: spatial_map(t, single_conv))
+    if variant == "cbam_deep_spatial":
+        return sequential(
+            x, lambda t: channel_map(t, shared(), shared()), lambda t: spatial_map(t, deep_stack, residual=True)
+        )
+    if variant == "cbam_parallel":
+        return x + x * channel_map(x, shared(), shared()) + x * spatial_map(x, single_conv)
+    if variant == "cbam_improved":
+        mc = channel_map(x, shared(with_bn=True), shared(with_bn=True))
+        return x + x * mc + x * spatial_map(x, deep_stack)
+    if variant == "cbam_official":
+
+        def conv_bn(m):
+            return bn(conv(m, sd["spatial.conv.0.weight"]), sd, "spatial.conv.1.", training)
+
+        mc = lambda t: channel_map(t, shared(with_bias=True), shared(with_bias=True))  # noqa: E731
+        return sequential(x, mc, lambda t: spatial_map(t, conv_bn, max_first=True))
+    if variant == "se":
+        w = lambda v: mlp(v, sd, "channel.mlp.")  # noqa: E731
+        return x * torch.sigmoid(w(x.mean(dim=(2, 3))))[:, :, None, None]
+    if variant == "channel_only":
+        return x * channel_map(x, shared(), shared())
+    if variant == "spatial_only":
+        return x * spatial_map(x, single_conv)
+    if variant == "none":
+        return x
+    raise AssertionError(f"no reference for {variant}")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_matches_reference(variant, training):
+    torch.manual_seed(0)
+    module = make(variant, 32).train(training)
+    sd = randomize(module)
+    x = torch.randn(4, 32, 9, 7, dtype=torch.float64)
+    torch.testing.assert_close(module(x), reference(variant, x, sd, training))
+
+
+def test_original_matches_timm_cbam_module():
+    channels = 64
+    ours = make("cbam", channels).eval()
+    sd = randomize(ours)
+    theirs = CbamModule(channels, rd_ratio=1 / 16, spatial_kernel_size=7).double().eval()
+    # Explicit mapping: timm names the MLP fc1/fc2, and its spatial conv is followed by a BN that the
+    # original CBAM does not have; running_var = 1 - eps turns that BN into the identity exactly.
+    with torch.no_grad():
+        theirs.channel.fc1.weight.copy_(sd["channel.mlp.0.weight"])
+        theirs.channel.fc2.weight.copy_(sd["channel.mlp.3.weight"])
+        theirs.spatial.conv.conv.weight.copy_(sd["spatial.conv.0.weight"])
+        spatial_bn = theirs.spatial.conv.bn
+        spatial_bn.running_mean.zero_()
+        spatial_bn.running_var.fill_(1 - spatial_bn.eps)
+        spatial_bn.weight.fill_(1)
+        spatial_bn.bias.zero_()
+    x = torch.randn(3, channels, 10, 10, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_dynamic_ratio_floors_hidden_width_at_four():
+    assert make("cbam_dynamic_ratio", 32).channel.mlp[0].out_channels == 4  # 32 // 16 = 2 -> 4
+    assert make("cbam_dynamic_ratio", 256).channel.mlp[0].out_channels == 16
+    assert make("cbam", 32).channel.mlp[0].out_channels == 2
+
+
+def test_cbam_preset_is_the_paper_and_the_class_default():
+    cfg = compose_config("model_stats", "attention=cbam").attention
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(ChannelSpatialAttention).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    preset = {k: (list(v) if not isinstance(v, (str, int, bool)) else v) for k, v in cfg.items() if not k.startswith("_")}
+    assert preset == {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
+    # The paper's values: r = 16, k = 7, avg & max pooling, channel then spatial, no MLP bias, no BN.
+    assert (cfg.reduction, cfg.spatial_kernel, cfg.arrangement) == (16, 7, "channel_spatial")
+    assert list(cfg.channel_pools) == ["avg", "max"] and list(cfg.spatial_pools) == ["avg", "max"]
+    assert not (cfg.mlp_bias or cfg.mlp_bn or cfg.spatial_bn or cfg.spatial_residual) and cfg.spatial_depth == 1
+
+
+def test_command_line_option_on_top_of_a_preset():
+    module = make("cbam", 32, "attention.arrangement=parallel", "attention.spatial_kernel=3")
+    assert module.arrangement == "parallel"
+    assert module.spatial.conv[0].kernel_size == (3, 3)
+    sd = randomize(module)
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    three = lambda m: conv(m, sd["spatial.conv.0.weight"])  # noqa: E731
+    mc = channel_map(x, lambda v: mlp(v, sd, "channel.mlp."), lambda v: mlp(v, sd, "channel.mlp."))
+    torch.testing.assert_close(module(x), x + x * mc + x * spatial_map(x, three))
+
+
+def test_spatial_then_channel_arrangement():
+    module = make("cbam", 16, "attention.arrangement=spatial_channel")
+    sd = randomize(module)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    y = x * spatial_map(x, lambda m: conv(m, sd["spatial.conv.0.weight"]))
+    shared = lambda v: mlp(v, sd, "channel.mlp.")  # noqa: E731
+    torch.testing.assert_close(module(x), y * channel_map(y, shared, shared))
+
+
+@pytest.mark.parametrize("channels", [16, 64, 256])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shape_and_gradient_flow(variant, channels):
+    module = make(variant, channels).train()
+    randomize(module)  # a zero-initialised BN weight (cbam_official) would block gradients by design
+    x = torch.randn(8, channels, 6, 6, dtype=torch.float64, requires_grad=True)  # enough samples that no ReLU is dead for all
+    out = module(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_none_adds_no_parameters_and_is_identity():
+    module = make("none", 64)
+    assert sum(p.numel() for p in module.parameters()) == 0
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    assert torch.equal(module(x), x)
+
+
+def test_official_init_starts_spatial_gate_at_one_half():
+    module = make("cbam_official", 64).eval()
+    assert torch.all(module.spatial.conv[1].weight == 0)
+    assert torch.all(module.channel.mlp[0].bias == 0) and torch.all(module.channel.mlp[3].bias == 0)
+    x = torch.randn(2, 64, 5, 5, dtype=torch.float64)
+    spatial_logits = module.spatial.conv(torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], 1))
+    torch.testing.assert_close(torch.sigmoid(spatial_logits), torch.full_like(spatial_logits, 0.5))
+
+
+@pytest.mark.parametrize(
+    "overrides, channels, match",
+    [
+        ((), 8, r"reduction.*min_hidden"),  # 8 // 16 = 0
+        (("attention.reduction=0",), 64, r"attention\.reduction=0"),
+        (("attention.spatial_kernel=4",), 64, r"attention\.spatial_kernel=4.*odd"),
+        (("attention.channel_pools=[avg,median]",), 64, r"attention\.channel_pools.*avg.*max"),
+        (("attention.spatial_pools=[]",), 64, r"attention\.spatial_pools"),
+        (("attention.arrangement=diagonal",), 64, r"attention\.arrangement='diagonal'.*parallel"),
+        (("attention.init=xavier",), 64, r"attention\.init='xavier'.*he"),
+        (("attention.spatial=false", "attention.arrangement=parallel"), 64, r"parallel.*attention\.spatial=true"),
+    ],
+)
+def test_bad_options_name_the_option_and_the_fix(overrides, channels, match):
+    with pytest.raises(ValueError, match=match):
+        make("cbam", channels, *overrides)
+
+
+def test_hidden_width_error_is_raised_from_a_preset_too():
+    with pytest.raises(ValueError, match=r"set attention\.reduction <= 8 or attention\.min_hidden >= 1"):
+        make("cbam_separate_bn", 8)
+    assert make("cbam_dynamic_ratio", 8).channel.mlp[0].out_channels == 4  # the floor is the documented fix
+
+
+@pytest.mark.parametrize("variant", ["cbam_separate_bn", "cbam_improved"])
+def test_bn_mlp_with_batch_of_one_in_train_mode_says_why(variant):
+    module = make(variant, 32).train()
+    with pytest.raises(ValueError, match=r"more than one sample.*batch size >= 2.*mlp_bn=false"):
+        module(torch.randn(1, 32, 4, 4, dtype=torch.float64))
+    assert module.eval()(torch.randn(1, 32, 4, 4, dtype=torch.float64)).shape == (1, 32, 4, 4)

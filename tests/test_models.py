@@ -1,0 +1,147 @@
+"""Backbones: the paper's parameter counts, torchvision compatibility, attention placement and init."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cbam.attention import ChannelSpatialAttention
+from cbam.models import build_model, count_params
+from conftest import ROOT, compose_config
+
+
+def imagenet_model(model: str, attention: str, *overrides: str) -> nn.Module:
+    return build_model(compose_config("model_stats", f"model={model}", f"attention={attention}", "data=imagenet", *overrides))
+
+
+@pytest.mark.parametrize(
+    "model, attention, expected",
+    [
+        ("resnet50", "none", 25_557_032),
+        ("resnet50", "cbam_official", 28_089_624),  # the paper reports 28.09M
+        ("resnet50", "cbam", 28_073_544),  # the post's CBAM: no MLP biases, no spatial BN
+        ("resnet18", "none", 11_689_512),
+        ("resnet18", "cbam_official", 11_779_392),  # the paper reports 11.78M
+    ],
+)
+def test_paper_parameter_counts(model, attention, expected):
+    assert count_params(imagenet_model(model, attention)) == expected
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_weights_load_strictly_and_give_identical_logits(depth):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, f"resnet{depth}")().eval()
+    ours = imagenet_model(f"resnet{depth}", "none").eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
+
+
+@pytest.mark.parametrize("depth, blocks", [(20, 9), (32, 15), (44, 21), (56, 27), (110, 54)])
+def test_cifar_resnets_follow_he_et_al(depth, blocks):
+    model = build_model(compose_config("model_stats", f"model=resnet{depth}", "attention=none", "data=cifar10"))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 6 * ((depth - 2) // 6) + 1  # 6n 3x3 convs + the stem: depth = 6n + 2 with the fc
+    assert len(model.blocks()) == blocks
+    assert [getattr(model, f"layer{i}")[-1].conv2.out_channels for i in (1, 2, 3)] == [16, 32, 64]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # He et al. report 0.27M parameters for ResNet-20 with identity shortcuts; projections add a little.
+    if depth == 20:
+        assert 0.27e6 < count_params(model) < 0.28e6
+
+
+def test_data_config_sets_channels_classes_and_small_image_stem():
+    model = build_model(compose_config("model_stats", "model=resnet18", "attention=cbam", "data=fashion_mnist"))
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 10
+    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)  # data_model pairing
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert imagenet_model("resnet18", "none").conv1.kernel_size == (7, 7)
+
+
+def test_attention_sits_after_last_bn_before_the_addition():
+    model = build_model(compose_config("model_stats", "model=resnet20", "attention=cbam", "data=cifar10")).eval()
+    block = model.layer2[1]
+    seen = {}
+    block.bn2.register_forward_hook(lambda m, i, o: seen.__setitem__("bn2", o.clone()))
+    block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0].clone()))
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        out = block(x)
+        expected = torch.relu(block.attn(seen["bn2"]) + x)  # identity shortcut: no downsampling here
+    assert torch.equal(seen["attn_in"], seen["bn2"])
+    torch.testing.assert_close(out, expected)
+
+
+def test_attention_stages_option():
+    model = imagenet_model("resnet18", "cbam", "model.attention_stages=[3,4]")
+    has_attention = [isinstance(blk.attn, ChannelSpatialAttention) for blk in model.blocks()]
+    assert has_attention == [False, False, False, False, True, True, True, True]
+    with pytest.raises(ValueError, match=r"attention_stages=\[5\]"):
+        imagenet_model("resnet18", "cbam", "model.attention_stages=[5]")
+
+
+def _std_ratio(weights: list[torch.Tensor], expected_std: float) -> float:
+    return torch.cat([w.flatten() for w in weights]).std().item() / expected_std
+
+
+def test_attention_owns_its_init_inside_a_full_resnet():
+    torch.manual_seed(0)
+    default = imagenet_model("resnet50", "cbam")
+    he = imagenet_model("resnet50", "cbam_he_init")
+    for model in (default, he):  # the backbone's own convs: He-normal, fan_out
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and ".attn." not in name and m.weight.numel() > 10_000:
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                assert _std_ratio([m.weight], math.sqrt(2 / fan_out)) == pytest.approx(1, abs=0.05), name
+
+    def attention_convs(model, kind):
+        return [m for blk in model.blocks() for m in getattr(blk.attn, kind).modules() if isinstance(m, nn.Conv2d)]
+
+    for kind in ("channel", "spatial"):
+        # cbam keeps PyTorch's default: uniform in +-1/sqrt(fan_in), std = bound / sqrt(3).
+        for m in attention_convs(default, kind):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in)
+            assert m.weight.abs().max() <= bound
+            if m.weight.numel() > 10_000:
+                assert _std_ratio([m.weight], bound / math.sqrt(3)) == pytest.approx(1, abs=0.05)
+        # cbam_he_init: He-normal with fan_out = out_channels * k * k, pooled per layer shape.
+        by_shape = {}
+        for m in attention_convs(he, kind):
+            by_shape.setdefault(m.weight.shape, []).append(m.weight)
+        for shape, weights in by_shape.items():
+            fan_out = shape[0] * shape[2] * shape[3]
+            assert _std_ratio(weights, math.sqrt(2 / fan_out)) == pytest.approx(1, abs=0.1), shape
+
+
+def test_model_stats_prints_the_paper_counts():
+    result = subprocess.run(
+        [sys.executable, "scripts/model_stats.py", "model=resnet50", "variants=[none,cbam,cbam_official]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert "| 25,557,032 |" in rows["none"]
+    assert "| 28,073,544 | +2,516,512 (+9.85%) |" in rows["cbam"]
+    assert "| 28,089,624 |" in rows["cbam_official"]
+
+
+def test_model_stats_writes_csv(tmp_path):
+    csv = tmp_path / "stats.csv"
+    subprocess.run(
+        [sys.executable, "scripts/model_stats.py", "model=resnet20", "data=cifar10", "variants=[none,cbam]", f"csv={csv}"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "attention,params,params vs none,GFLOPs,GFLOPs vs none"
+    assert [line.split(",")[0] for line in lines[1:]] == ["none", "cbam"]
