@@ -3,13 +3,13 @@
 import inspect
 
 import pytest
-from timm.layers.cbam import CbamModule
 import torch
 import torch.nn.functional as F
+from conftest import CONF, compose_config
 from hydra.utils import instantiate
+from timm.layers.cbam import CbamModule
 
 from cbam.attention import ChannelSpatialAttention
-from conftest import CONF, compose_config
 
 VARIANTS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
 

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 import torchvision
+from conftest import ROOT, compose_config
 from torch import nn
 
 from cbam.attention import ChannelSpatialAttention
 from cbam.models import build_model, count_params
-from conftest import ROOT, compose_config
 
 
 def imagenet_model(model: str, attention: str, *overrides: str) -> nn.Module:

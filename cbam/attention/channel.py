@@ -5,7 +5,9 @@ import itertools
 import torch
 from torch import nn
 
-from .pooling import POOLS, check_pools
+from cbam.errors import ConfigError
+
+from .pooling import CHANNEL_POOLS, check_pools
 
 
 class DescriptorBatchNorm(nn.BatchNorm2d):
@@ -17,7 +19,7 @@ class DescriptorBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 1:
-            raise ValueError(
+            raise ConfigError(
                 "the attention MLP has BatchNorm over 1x1 pooled descriptors, which needs more than one "
                 "sample per batch in train mode: use batch size >= 2, call model.eval(), "
                 "or set attention.mlp_bn=false"
@@ -28,7 +30,7 @@ class DescriptorBatchNorm(nn.BatchNorm2d):
 def hidden_width(channels: int, reduction: int, min_hidden: int) -> int:
     hidden = max(channels // reduction, min_hidden)
     if hidden < 1:
-        raise ValueError(
+        raise ConfigError(
             f"attention MLP hidden width is {channels} // reduction={reduction} = {hidden} for {channels} "
             f"channels: set attention.reduction <= {channels} or attention.min_hidden >= 1"
         )
@@ -60,7 +62,7 @@ class ChannelGate(nn.Module):
     ):
         super().__init__()
         if reduction < 1:
-            raise ValueError(f"attention.reduction={reduction} must be a positive integer, e.g. 16 (the paper)")
+            raise ConfigError(f"attention.reduction={reduction} must be a positive integer, e.g. 16 (the paper)")
         hidden = hidden_width(channels, reduction, min_hidden)
         self.pools = check_pools("attention.channel_pools", pools)
         self.shared_mlp = shared_mlp
@@ -74,5 +76,5 @@ class ChannelGate(nn.Module):
         mlps = itertools.repeat(self.mlp) if self.shared_mlp else self.mlps
         # Each pooled descriptor goes through its MLP on its own, as in the paper: with BN in the MLP,
         # stacking them into one batch would mix avg and max statistics.
-        logits = sum(mlp(POOLS[p](x, dim=(2, 3), keepdim=True)) for p, mlp in zip(self.pools, mlps))  # (N, C, 1, 1)
+        logits = sum(mlp(CHANNEL_POOLS[p](x)) for p, mlp in zip(self.pools, mlps))  # (N, C, 1, 1)
         return x * self.gate(logits)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from cbam.errors import ConfigError
+
 from .channel import ChannelGate
 from .spatial import SpatialGate
 
@@ -38,14 +40,14 @@ class ChannelSpatialAttention(nn.Module):
     ):
         super().__init__()
         if arrangement not in ARRANGEMENTS:
-            raise ValueError(f"attention.arrangement={arrangement!r} is unknown: use one of {', '.join(ARRANGEMENTS)}")
+            raise ConfigError(f"attention.arrangement={arrangement!r} is unknown: use one of {', '.join(ARRANGEMENTS)}")
         if arrangement == "parallel" and not (channel and spatial):
-            raise ValueError(
+            raise ConfigError(
                 "attention.arrangement=parallel fuses both gates (x + x*Mc + x*Ms): set attention.channel=true "
                 "and attention.spatial=true, or use arrangement=channel_spatial"
             )
         if init not in _INIT:
-            raise ValueError(f"attention.init={init!r} is unknown: use one of {', '.join(_INIT)}")
+            raise ConfigError(f"attention.init={init!r} is unknown: use one of {', '.join(_INIT)}")
         self.arrangement = arrangement
         self.channel = (
             ChannelGate(channels, reduction, min_hidden, channel_pools, shared_mlp, mlp_bn, mlp_bias)

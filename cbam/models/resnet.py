@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from cbam.errors import ConfigError
+
 AttentionFactory = Callable[[int], nn.Module]
 
 
@@ -89,18 +91,18 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if block not in BLOCKS:
-            raise ValueError(f"model.block={block!r} is unknown: use one of {', '.join(BLOCKS)}")
+            raise ConfigError(f"model.block={block!r} is unknown: use one of {', '.join(BLOCKS)}")
         if stem not in STEMS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.stem={stem!r} is unknown: use imagenet (7x7 stride 2 + maxpool, 224 px) "
                 "or cifar (3x3 stride 1, for 28-32 px)"
             )
         if len(layers) != len(widths):
-            raise ValueError(f"model.layers {list(layers)} and model.widths {list(widths)} must have one entry per stage")
+            raise ConfigError(f"model.layers {list(layers)} and model.widths {list(widths)} must have one entry per stage")
         stages = range(1, len(layers) + 1)
         attention_stages = list(stages) if attention_stages is None else list(attention_stages)
         if not set(attention_stages) <= set(stages):
-            raise ValueError(f"model.attention_stages={attention_stages} must be stage numbers in {list(stages)}")
+            raise ConfigError(f"model.attention_stages={attention_stages} must be stage numbers in {list(stages)}")
         block_cls = BLOCKS[block]
 
         stem_width = widths[0]

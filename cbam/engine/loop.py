@@ -1,0 +1,231 @@
+"""One epoch of training and one pass of evaluation, as plain functions."""
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepParts:
+    """Everything a training step needs, built once per run."""
+
+    model: nn.Module  # the module that runs the step: possibly compiled, possibly DDP-wrapped
+    raw_model: nn.Module  # the plain module underneath, whose weights the EMA copies
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    autocast: dict  # kwargs of torch.autocast
+    channels_last: bool
+    grad_clip: float | None
+    mixup: Callable | None  # timm.data.Mixup: (x, y) -> (x, soft targets)
+    ema: nn.Module | None  # timm.utils.ModelEmaV3
+    log_every: int
+    max_nonfinite: int  # steps with a non-finite loss to skip before the run stops
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of one epoch, kept on the device so steps need no host sync; part of the
+    checkpoint so a run resumed mid-epoch reports the same epoch metrics."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: int = 0
+    steps: int = 0
+    nonfinite: int = 0
+    timing: dict = field(default_factory=lambda: {"wait": 0.0, "elapsed": 0.0, "timed_images": 0, "timed": 0.0})
+
+
+def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(total: int, initial: int, desc: str):
+    """A tqdm bar on a terminal; elsewhere (logs, SLURM) nothing, and log lines carry the progress."""
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stdout.isatty())
+
+
+def train_one_epoch(
+    parts: StepParts,
+    loader,
+    *,
+    epoch: int,
+    device: torch.device,
+    meter: EpochMeter,
+    global_step: int,
+    on_step_log: Callable[[dict, int], None],
+    should_stop: Callable[[], bool],
+    warmup_steps: int = 5,
+) -> tuple[EpochMeter, int, bool]:
+    """Train from step `meter.steps` of `epoch` to its end, or until `should_stop()`.
+
+    Returns the meter, the global step, and whether the epoch finished. Throughput counts only the
+    steps after the first `warmup_steps` of this call (allocator, cudnn and compile warm-up).
+    """
+    model = parts.model
+    model.train()
+    loss_sum = torch.tensor(meter.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(meter.correct, device=device, dtype=torch.float64)
+    timing = dict(meter.timing)
+    start = time.perf_counter()
+    timed_start, timed_images = None, 0
+    bar = _progress(len(loader), meter.steps, f"epoch {epoch}")
+    batches = iter(loader.epoch(epoch, skip=meter.steps))
+    warmup_steps = min(warmup_steps, len(loader) - meter.steps - 1)  # a short epoch still gets timed
+    finished = True
+    local_step = 0
+    if warmup_steps <= 0:
+        timed_start = time.perf_counter()
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        timing["wait"] += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        x, y = batch
+        x = _prepare(x, parts.channels_last)
+        inputs, targets = parts.mixup(x, y) if parts.mixup is not None else (x, y)
+        with torch.autocast(**parts.autocast):
+            logits = model(inputs)
+            loss = parts.criterion(logits, targets)
+        if not torch.isfinite(loss):
+            meter.nonfinite += 1
+            if meter.nonfinite > parts.max_nonfinite:
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {meter.steps + 1} of {len(loader)} "
+                    f"(global step {global_step + 1}); lower optim.optimizer.lr, set trainer.grad_clip, "
+                    f"or allow skips with trainer.max_nonfinite_steps (now {parts.max_nonfinite})"
+                )
+            log.warning("non-finite loss at epoch %d step %d: step skipped (%d so far)", epoch, meter.steps + 1, meter.nonfinite)
+            parts.optimizer.zero_grad(set_to_none=True)
+        else:
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scaler.scale(loss).backward()
+            if parts.grad_clip:
+                parts.scaler.unscale_(parts.optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            if parts.ema is not None:
+                parts.ema.update(parts.raw_model, step=global_step)
+            loss_sum += loss.detach().double() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()  # against the unmixed labels
+            meter.count += y.shape[0]
+        parts.scheduler.step()
+        meter.steps += 1
+        global_step += 1
+        local_step += 1
+        bar.update()
+        if local_step == warmup_steps:
+            _sync(device)
+            timed_start = time.perf_counter()
+        elif local_step > warmup_steps:
+            timed_images += y.shape[0]
+        if global_step % parts.log_every == 0:
+            lr = parts.optimizer.param_groups[0]["lr"]
+            step_loss = loss.item()
+            bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{(correct / max(meter.count, 1)).item():.3f}", lr=f"{lr:.3g}")
+            on_step_log({"train/step_loss": step_loss, "lr": lr}, global_step)
+        if should_stop():
+            finished = meter.steps >= len(loader)
+            break
+    bar.close()
+    _sync(device)
+    now = time.perf_counter()
+    timing["elapsed"] += now - start
+    if timed_start is not None and timed_images:
+        timing["timed"] += now - timed_start
+        timing["timed_images"] += timed_images
+    meter.loss_sum, meter.correct, meter.timing = loss_sum.item(), correct.item(), timing
+    return meter, global_step, finished
+
+
+def epoch_train_metrics(meter: EpochMeter, world: int) -> dict:
+    sums = all_reduce_sum(torch.tensor([meter.loss_sum, meter.correct, meter.count], dtype=torch.float64))
+    timing = meter.timing
+    return {
+        "train/loss": (sums[0] / sums[2]).item(),
+        "train/top1": 100 * (sums[1] / sums[2]).item(),
+        # Every rank runs at the same pace, so the global rate is the per-rank rate times the ranks.
+        "train/img_per_s": world * timing["timed_images"] / timing["timed"] if timing["timed"] else float("nan"),
+        "train/data_wait_share": timing["wait"] / timing["elapsed"] if timing["elapsed"] else float("nan"),
+        "train/epoch_time_s": timing["elapsed"],
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    num_classes: int,
+    autocast: dict,
+    channels_last: bool,
+    warmup_steps: int = 2,
+) -> dict:
+    """Loss, top-1, top-5 and per-class accuracy over the whole val split (summed across ranks)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    topk_correct = torch.zeros(2, device=device, dtype=torch.float64)
+    class_correct = torch.zeros(num_classes, device=device, dtype=torch.float64)
+    class_count = torch.zeros(num_classes, device=device, dtype=torch.float64)
+    k = min(5, num_classes)
+    warmup_steps = min(warmup_steps, len(loader) - 1)  # a one-batch val split is still timed
+    timed_start, timed_images = (time.perf_counter() if warmup_steps <= 0 else None), 0
+    for i, (x, y) in enumerate(_progress_iter(loader)):
+        with torch.autocast(**autocast):
+            logits = model(_prepare(x, channels_last))
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        top = logits.topk(k, dim=1).indices  # (N, k)
+        hit1 = top[:, 0] == y
+        topk_correct[0] += hit1.sum()
+        topk_correct[1] += (top == y[:, None]).any(1).sum()
+        class_correct.index_add_(0, y, hit1.double())
+        class_count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        if i + 1 == warmup_steps:
+            _sync(device)
+            timed_start = time.perf_counter()
+        elif i + 1 > warmup_steps:
+            timed_images += y.shape[0]
+    _sync(device)
+    elapsed = time.perf_counter() - timed_start if timed_start is not None else 0.0
+    for t in (loss_sum, topk_correct, class_correct, class_count):
+        all_reduce_sum(t)
+    n = class_count.sum()
+    return {
+        "val/loss": (loss_sum / n).item(),
+        "val/top1": 100 * (topk_correct[0] / n).item(),
+        "val/top5": 100 * (topk_correct[1] / n).item(),
+        "val/img_per_s": timed_images / elapsed if timed_images else float("nan"),
+        "val/per_class_top1": (100 * class_correct / class_count.clamp(min=1)).tolist(),
+    }
+
+
+def _progress_iter(loader):
+    bar = _progress(len(loader), 0, "eval")
+    for batch in loader.epoch(0):
+        yield batch
+        bar.update()
+    bar.close()

@@ -1,0 +1,269 @@
+"""train.py and eval.py as a user runs them: real subprocesses, real Hydra, real offline W&B runs."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cbam.engine.optim import build_optimizer
+from cbam.models import build_model
+from conftest import CONF, ROOT, compose_config
+from wandb_records import read_run
+
+# Tiny and fast: synthetic data, CIFAR ResNet-20, CPU, one epoch.
+BASE = ["trainer.epochs=1", "trainer.device=cpu", "logger.mode=offline"]
+FAST = ["data=synthetic", "data.source.train_size=256", "data.source.val_size=128", "data.batch_size=32", *BASE]
+EPOCH_KEYS = {
+    "epoch", "step", "lr", "train/loss", "train/top1", "train/img_per_s", "train/data_wait_share",
+    "train/epoch_time_s", "val/loss", "val/top1", "val/top5", "val/img_per_s",
+}  # fmt: skip
+METRICS = ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5")
+
+
+def run(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One finished one-epoch run, shared by the tests that only read it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run("train.py", *FAST, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    return run_dir
+
+
+# ---- composition ----
+
+
+def test_default_config_is_the_documented_job():
+    cfg = compose_config("train")
+    assert cfg.attention.arrangement == "channel_spatial" and cfg.attention.spatial_kernel == 7  # the paper's CBAM
+    assert cfg.model.layers == [3, 3, 3] and cfg.model.widths == [16, 32, 64]  # CIFAR ResNet-20
+    assert cfg.data.name == "fashion_mnist" and cfg.model.in_chans == 1 and cfg.model.num_classes == 10
+    assert cfg.trainer.device == "auto" and cfg.logger.mode == "auto"
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_preset_builds_for_its_data(model):
+    cfg = compose_config("train", f"model={model}", "data=cifar100")
+    net = build_model(cfg).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("optim", sorted(p.stem for p in (CONF / "optim").glob("*.yaml")))
+@pytest.mark.parametrize("scheduler", sorted(p.stem for p in (CONF / "optim" / "scheduler").glob("*.yaml")))
+def test_every_optimizer_and_schedule_instantiates_and_steps(optim, scheduler):
+    short = ["optim.scheduler.milestones=[2,3]"] if scheduler == "multistep" else []  # the default ones are at 30+
+    cfg = compose_config("train", f"optim={optim}", f"optim/scheduler={scheduler}", "trainer.epochs=4", *short)
+    net = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(cfg.optim, net)
+    schedule = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=10, epochs=4)
+    lrs = []
+    for _ in range(40):
+        net(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(lr >= 0 for lr in lrs) and lrs[-1] < max(lrs)  # every schedule decays by the end
+
+
+def test_cosine_warmup_and_multistep_shapes():
+    net = torch.nn.Linear(1, 1)
+    cfg = compose_config("train", "optim.scheduler.warmup_epochs=1")
+    optimizer = build_optimizer(cfg.optim, net)
+    schedule = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=10, epochs=3)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(30):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warmup over 10 steps
+    assert lrs[30] == pytest.approx(0.0, abs=1e-12)  # cosine reaches min_lr_ratio * lr at the end
+    cfg = compose_config("train", "optim/scheduler=multistep", "optim.scheduler.milestones=[1,2]")
+    optimizer = build_optimizer(cfg.optim, net)
+    schedule = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=10, epochs=3)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(25):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01) and lrs[20] == pytest.approx(0.001)
+
+
+def test_weight_decay_can_exclude_norm_and_bias():
+    cfg = compose_config("train", "optim.no_decay_norm_and_bias=true")
+    net = build_model(cfg)
+    groups = build_optimizer(cfg.optim, net).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in net.named_parameters():
+        assert (id(p) in decayed) == (p.ndim > 1), name
+
+
+# ---- one real run ----
+
+
+def test_one_epoch_run_writes_every_record_and_an_offline_wandb_run(finished_run):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "train.log"):
+        assert (finished_run / name).is_file(), name
+    [row] = rows(finished_run)
+    assert EPOCH_KEYS <= set(row)
+    assert 0 <= row["val/top1"] <= row["val/top5"] <= 100 and row["train/img_per_s"] > 0
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["variant"] == "cbam" and summary["seed"] == 0 and summary["data"] == "synthetic"
+    assert summary["best_val_top1"] == row["val/top1"] and summary["final"]["val/top1"] == row["val/top1"]
+    assert summary["params"] > 0 and summary["flops"] > 0 and summary["train_img_per_s"] > 0
+    assert len(summary["val_per_class_top1"]) == 10 and summary["peak_memory_mb"] > 0
+    assert summary["git_commit"] is None or len(summary["git_commit"]) >= 40
+    checkpoint = torch.load(finished_run / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["attention"]["arrangement"] == "channel_spatial"
+
+    wandb_run = read_run(finished_run)
+    assert wandb_run["id"] == summary["wandb_run_id"] and wandb_run["name"] == "cbam-s0"
+    assert {"cbam", "resnet20", "synthetic"} <= set(wandb_run["tags"])
+    assert wandb_run["config"]["model"]["layers"] == [3, 3, 3]
+    [epoch_row] = [h for h in wandb_run["history"] if "val/top1" in h]
+    for key in EPOCH_KEYS:
+        assert epoch_row[key] == pytest.approx(row[key]), key
+    assert wandb_run["summary"]["best_val_top1"] == pytest.approx(summary["best_val_top1"])
+    assert wandb_run["exit_code"] == 0
+
+
+def test_eval_reproduces_the_final_val_top1(finished_run, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run("eval.py", f"checkpoint={finished_run / 'last.pt'}", "device=cpu", f"output={out}", cwd=tmp_path)
+    printed = json.loads(result.stdout)
+    written = json.loads(out.read_text())
+    [row] = rows(finished_run)
+    assert written == printed
+    assert written["val/top1"] == pytest.approx(row["val/top1"]) and written["val/loss"] == pytest.approx(row["val/loss"])
+    assert len(written["val/per_class_top1"]) == 10 and written["val/img_per_s"] > 0
+
+
+def test_same_seed_and_config_give_identical_metrics(finished_run, tmp_path):
+    run("train.py", *FAST, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    [first], [second] = rows(finished_run), rows(tmp_path / "again")
+    assert {k: first[k] for k in METRICS} == {k: second[k] for k in METRICS}
+
+
+def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    run("train.py", "-m", *FAST, "attention=none,cbam", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [d.name for d in dirs] == ["0-none-s0", "1-none-s1", "2-cbam-s0", "3-cbam-s1"]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    assert [(s["variant"], s["seed"]) for s in summaries] == [("none", 0), ("none", 1), ("cbam", 0), ("cbam", 1)]
+    wandb_runs = [read_run(d) for d in dirs]
+    assert len({r["id"] for r in wandb_runs}) == 4
+    assert [r["id"] for r in wandb_runs] == [s["wandb_run_id"] for s in summaries]
+    assert {r["group"] for r in wandb_runs} == {"sweep"} and all(r["exit_code"] == 0 for r in wandb_runs)
+
+
+def test_resume_after_a_stop_mid_training_matches_the_uninterrupted_run(tmp_path):
+    args = [*FAST, "data.source.train_size=1024", "trainer.epochs=3"]
+    run("train.py", *args, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={stopped}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not ((stopped / "metrics.jsonl").exists() and (stopped / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first epoch was recorded"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # lands in the second of three epochs
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "resume with resume=auto" in stderr
+    assert not (stopped / "summary.json").exists()
+    assert torch.load(stopped / "last.pt", weights_only=True)["epoch"] == 1
+
+    run("train.py", *args, f"hydra.run.dir={stopped}", "resume=auto", cwd=tmp_path)
+    straight, resumed = rows(tmp_path / "straight"), rows(stopped)
+    assert [r["epoch"] for r in resumed] == [0, 1, 2]
+    for a, b in zip(straight, resumed, strict=True):
+        assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert read_run_ids(stopped) == {summary["wandb_run_id"]}  # the resumed run continues the same W&B run
+
+
+def read_run_ids(run_dir: Path) -> set[str]:
+    return {p.stem.removeprefix("run-") for p in run_dir.glob("wandb/offline-run-*/run-*.wandb")}
+
+
+# ---- bad input ----
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train.py", ["attention=nope"], "Could not find 'attention/nope'"),
+        ("train.py", ["model=resnet19"], "Could not find 'model/resnet19'"),
+        ("train.py", ["data=mnist3d"], "Could not find 'data/mnist3d'"),
+        ("train.py", ["data=fashion_mnist", "data.source.root=/no/such/dir"], "/no/such/dir"),
+        ("train.py", ["trainer.epochs=0"], "trainer.epochs=0 must be a positive integer"),
+        ("train.py", ["data.batch_size=-8"], "data.batch_size=-8 must be a positive integer"),
+        ("train.py", ["resume=/no/such/last.pt"], "/no/such/last.pt does not exist"),
+        ("eval.py", ["checkpoint=/no/such/best.pt"], "/no/such/best.pt does not exist"),
+        ("eval.py", ["checkpoint=NOT_A_CHECKPOINT"], "is not a readable checkpoint"),
+        ("eval.py", [], "pass the checkpoint to evaluate"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_touches_no_run(finished_run, tmp_path, script, args, message):
+    before = tree_digest(finished_run)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint\n")
+    args = [a.replace("NOT_A_CHECKPOINT", str(junk)) for a in args]
+    own_data = any(a.startswith("data=") for a in args)
+    extra = [*(BASE if own_data else FAST), f"hydra.run.dir={tmp_path / 'new'}"] if script == "train.py" else []
+    result = run(script, *extra, *args, cwd=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output
+    assert "Traceback" not in output
+    assert tree_digest(finished_run) == before
+
+
+def test_a_new_run_never_writes_into_another_runs_dir(finished_run, tmp_path):
+    before = tree_digest(finished_run)
+    result = run("train.py", *FAST, f"hydra.run.dir={finished_run}", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "already holds a run: pass resume=auto" in result.stderr + result.stdout
+    after = tree_digest(finished_run)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+
+
+def test_eval_refuses_a_checkpoint_of_another_variant(finished_run, tmp_path):
+    other = tmp_path / "other"
+    run("train.py", *FAST, "attention=cbam_deep_spatial", f"hydra.run.dir={other}", cwd=tmp_path)
+    (finished_run.parent / "mixed").mkdir(exist_ok=True)
+    mixed = finished_run.parent / "mixed"
+    (mixed / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    (mixed / "last.pt").write_bytes((other / "last.pt").read_bytes())
+    result = run("eval.py", f"checkpoint={mixed / 'last.pt'}", "device=cpu", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "different model or attention variant" in result.stderr + result.stdout
+    assert "spatial.conv.3.weight" in result.stderr + result.stdout
