@@ -108,9 +108,16 @@ def reference(variant, x, sd, training):
         )
     if variant == "cbam_parallel":
         return x + x * channel_map(x, shared(), shared()) + x * spatial_map(x, single_conv)
-    if variant == "cbam_improved":
-        mc = channel_map(x, shared(with_bn=True), shared(with_bn=True))
-        return x + x * mc + x * spatial_map(x, deep_stack)
+    if variant.startswith(("cbam_improved", "improved_without_")):
+        # The combined listing, and each leave-one-out preset with one change set back to the original.
+        # Hidden width (min_hidden) and init change the weights' shapes and values, not the arithmetic.
+        bn_mlp = variant != "improved_without_mlp_bn"
+        stack = single_conv if variant == "improved_without_deep_spatial" else deep_stack
+        mc = lambda t: channel_map(t, shared(with_bn=bn_mlp), shared(with_bn=bn_mlp))  # noqa: E731
+        ms = lambda t: spatial_map(t, stack)  # noqa: E731
+        if variant == "improved_without_parallel":
+            return sequential(x, mc, ms)
+        return x + x * mc(x) + x * ms(x)
     if variant == "cbam_official":
 
         def conv_bn(m):
@@ -162,6 +169,8 @@ def test_original_matches_timm_cbam_module():
 
 def test_dynamic_ratio_floors_hidden_width_at_four():
     assert make("cbam_dynamic_ratio", 32).channel.mlp[0].out_channels == 4  # 32 // 16 = 2 -> 4
+    assert make("cbam_improved", 32).channel.mlp[0].out_channels == 4
+    assert make("improved_without_min_hidden", 32).channel.mlp[0].out_channels == 2
     assert make("cbam_dynamic_ratio", 256).channel.mlp[0].out_channels == 16
     assert make("cbam", 32).channel.mlp[0].out_channels == 2
 
@@ -206,6 +215,10 @@ def test_spatial_then_channel_arrangement():
 def test_shape_and_gradient_flow(variant, channels):
     module = make(variant, channels).train()
     randomize(module)  # a zero-initialised BN weight (cbam_official) would block gradients by design
+    with torch.no_grad():  # and keep the MLP's hidden ReLUs alive: at C = 16 there is a single one
+        for name, p in module.named_parameters():
+            if ".mlp" in name and (".0." in name):
+                p.abs_()
     x = torch.randn(8, channels, 6, 6, dtype=torch.float64, requires_grad=True)  # enough samples that no ReLU is dead for all
     out = module(x)
     assert out.shape == x.shape

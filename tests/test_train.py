@@ -169,7 +169,7 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     run("train.py", "-m", *FAST, "attention=none,cbam", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [d.name for d in dirs] == ["0-none-s0", "1-none-s1", "2-cbam-s0", "3-cbam-s1"]
+    assert [d.name for d in dirs] == ["0-resnet20-none-s0", "1-resnet20-none-s1", "2-resnet20-cbam-s0", "3-resnet20-cbam-s1"]
     summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
     assert [(s["variant"], s["seed"]) for s in summaries] == [("none", 0), ("none", 1), ("cbam", 0), ("cbam", 1)]
     wandb_runs = [read_run(d) for d in dirs]
