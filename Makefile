@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: help install data train test nightly benchmark clean
+.PHONY: help install data train test nightly benchmark lint clean
 
 help:
 	@echo "make train [ARGS='attention=cbam_parallel ...']   train the default job (CIFAR ResNet-20 + CBAM, Fashion-MNIST)"
 	@echo "make test                                         fast tests (< 10 min on 2 CPU cores)"
 	@echo "make nightly                                      every test, the slow ones too"
-	@echo "make benchmark                                    model statistics and speed tables"
+	@echo "make benchmark                                    model statistics and speed tables (scripts/benchmark.py)"
+	@echo "make lint                                         ruff check and format check"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +43,14 @@ test: install data
 nightly: install data
 	$(BIN)/python -m pytest -m ''
 
-benchmark: install
+benchmark: install data
 	$(BIN)/python scripts/model_stats.py
 	$(BIN)/python scripts/model_stats.py model=resnet20 data=cifar10
+	$(BIN)/python scripts/benchmark.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,12 +1,15 @@
 """Train one model: `python train.py attention=cbam_parallel`; a sweep: `python train.py -m ...`.
+Data-parallel over N processes: `torchrun --nproc_per_node=N train.py ...` (README: Distributed training).
 
 Exit status: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by SIGTERM/SIGINT (resume=auto continues).
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from cbam.cli import entry_point
+from cbam.cli import entry_point, torchrun_argv
 from cbam.engine.run import train
 
 
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = torchrun_argv(sys.argv)  # ranks > 0 of a torchrun job write no run dir of their own
     main()

@@ -30,6 +30,9 @@ class NullTracker:
     def summary(self, metrics: dict) -> None:
         pass
 
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        pass
+
     def __enter__(self):
         return self
 
@@ -105,7 +108,7 @@ class WandbTracker:
             else:
                 log.warning("W&B init failed (%s); training goes on without W&B", e)
         if self.run is not None and mode == "offline":
-            log.info("W&B is offline (no API key configured): upload later with `wandb sync %s`", Path(self.run.dir).parent)
+            log.info("W&B is logging offline: upload later with `wandb sync %s`", Path(self.run.dir).parent)
         self.run_id = self.run.id if self.run is not None else None
 
     def _guard(self, action, *args) -> None:
@@ -123,9 +126,18 @@ class WandbTracker:
     def summary(self, metrics: dict) -> None:
         self._guard(lambda: self.run.summary.update(metrics))
 
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        """PNG files as W&B images, under viz/<name>."""
+        self._guard(
+            lambda: self.run.log(
+                {f"viz/{k}": self._wandb.Image(str(p), caption=k) for k, p in images.items()}, step=step
+            )
+        )
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._guard(lambda: self.run.finish(exit_code=0 if exc_type is None else 1))
+        # A preempted run ends with its own status (75) rather than a generic failure.
+        self._guard(lambda: self.run.finish(exit_code=0 if exc_type is None else getattr(exc, "exit_code", 1)))
         self.run = None

@@ -182,7 +182,9 @@ def test_cbam_preset_is_the_paper_and_the_class_default():
         for name, p in inspect.signature(ChannelSpatialAttention).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    preset = {k: (list(v) if not isinstance(v, (str, int, bool)) else v) for k, v in cfg.items() if not k.startswith("_")}
+    preset = {
+        k: (list(v) if not isinstance(v, (str, int, bool)) else v) for k, v in cfg.items() if not k.startswith("_")
+    }
     assert preset == {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
     # The paper's values: r = 16, k = 7, avg & max pooling, channel then spatial, no MLP bias, no BN.
     assert (cfg.reduction, cfg.spatial_kernel, cfg.arrangement) == (16, 7, "channel_spatial")
@@ -219,7 +221,9 @@ def test_shape_and_gradient_flow(variant, channels):
         for name, p in module.named_parameters():
             if ".mlp" in name and (".0." in name):
                 p.abs_()
-    x = torch.randn(8, channels, 6, 6, dtype=torch.float64, requires_grad=True)  # enough samples that no ReLU is dead for all
+    x = torch.randn(
+        8, channels, 6, 6, dtype=torch.float64, requires_grad=True
+    )  # enough samples that no ReLU is dead for all
     out = module(x)
     assert out.shape == x.shape
     out.square().sum().backward()

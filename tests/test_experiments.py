@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONF, ROOT, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-
-from conftest import CONF, ROOT, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 ATTENTION = {p.stem for p in (CONF / "attention").glob("*.yaml")}
@@ -68,7 +67,11 @@ def test_paper_recipe_matches_the_released_code():
     assert sweep_of("paper_imagenet_resnet50")["attention"] == ["none", "se", "cbam"]
     assert sweep_of("paper_table1_channel_pooling")["attention.channel_pools"] == [["avg"], ["max"], ["avg", "max"]]
     assert sweep_of("paper_table2_spatial")["attention.spatial_kernel"] == [3, 7]
-    assert sweep_of("paper_table3_arrangement")["attention.arrangement"] == ["channel_spatial", "spatial_channel", "parallel"]
+    assert sweep_of("paper_table3_arrangement")["attention.arrangement"] == [
+        "channel_spatial",
+        "spatial_channel",
+        "parallel",
+    ]
 
 
 def test_every_experiment_runs_in_debug_mode_with_the_joblib_launcher(tmp_path):
@@ -106,7 +109,8 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
 def test_whole_ablation_sweep_in_debug_mode(tmp_path, experiment):
     sweep = tmp_path / "sweep"
     subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", f"experiment={experiment}", "debug=fast", f"hydra.sweep.dir={sweep}"],
+        [sys.executable, str(ROOT / "train.py"), "-m", f"experiment={experiment}", "debug=fast",
+         f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, check=True, capture_output=True,
     )  # fmt: skip
     runs = {(s["variant"], s["seed"]) for s in (json.loads(p.read_text()) for p in sweep.glob("*/summary.json"))}

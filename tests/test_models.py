@@ -15,7 +15,9 @@ from cbam.models import build_model, count_params
 
 
 def imagenet_model(model: str, attention: str, *overrides: str) -> nn.Module:
-    return build_model(compose_config("model_stats", f"model={model}", f"attention={attention}", "data=imagenet", *overrides))
+    return build_model(
+        compose_config("model_stats", f"model={model}", f"attention={attention}", "data=imagenet", *overrides)
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,7 +139,14 @@ def test_model_stats_prints_the_paper_counts():
 def test_model_stats_writes_csv(tmp_path):
     csv = tmp_path / "stats.csv"
     subprocess.run(
-        [sys.executable, "scripts/model_stats.py", "model=resnet20", "data=cifar10", "variants=[none,cbam]", f"csv={csv}"],
+        [
+            sys.executable,
+            "scripts/model_stats.py",
+            "model=resnet20",
+            "data=cifar10",
+            "variants=[none,cbam]",
+            f"csv={csv}",
+        ],
         cwd=ROOT,
         capture_output=True,
         check=True,

@@ -76,5 +76,5 @@ class ChannelGate(nn.Module):
         mlps = itertools.repeat(self.mlp) if self.shared_mlp else self.mlps
         # Each pooled descriptor goes through its MLP on its own, as in the paper: with BN in the MLP,
         # stacking them into one batch would mix avg and max statistics.
-        logits = sum(mlp(CHANNEL_POOLS[p](x)) for p, mlp in zip(self.pools, mlps))  # (N, C, 1, 1)
+        logits = sum(mlp(CHANNEL_POOLS[p](x)) for p, mlp in zip(self.pools, mlps, strict=False))  # (N, C, 1, 1)
         return x * self.gate(logits)

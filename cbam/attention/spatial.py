@@ -30,7 +30,7 @@ class SpatialGate(nn.Module):
         self.residual = residual
         layers = []
         widths = [len(self.pools)] + [width] * (depth - 1) + [1]
-        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
+        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:], strict=False)):
             layers.append(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False))
             if bn:
                 layers.append(nn.BatchNorm2d(c_out))

@@ -1,12 +1,10 @@
 """Loaders from the composed `cfg.data` node: its `source` reads the files, `loader` feeds the device."""
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.transforms import v2
 
-from cbam.errors import ConfigError
+from cbam.errors import instantiate_config
 
 from .loaders import Loader, MemoryLoader, TensorImages, TorchLoader
 from .sources import DataError, FolderData, TensorData
@@ -15,13 +13,7 @@ HOLDOUT_SEED = 0  # the held-out split belongs to the dataset: the same for ever
 
 
 def load_source(data_cfg: DictConfig) -> TensorData | FolderData:
-    try:
-        return instantiate(data_cfg.source)
-    except InstantiationException as e:
-        # Our own errors already name the option and the fix; Hydra's wrapper only buries them.
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
+    return instantiate_config(data_cfg.source)
 
 
 def build_loaders(

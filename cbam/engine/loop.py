@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .distributed import all_reduce_sum
+from cbam.errors import Diverged
+
+from .distributed import all_reduce_sum, any_rank
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,6 @@ class StepParts:
     ema: nn.Module | None  # timm.utils.ModelEmaV3
     log_every: int
     max_nonfinite: int  # steps with a non-finite loss to skip before the run stops
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass
@@ -63,7 +61,9 @@ def _sync(device: torch.device) -> None:
 
 def _progress(total: int, initial: int, desc: str):
     """A tqdm bar on a terminal; elsewhere (logs, SLURM) nothing, and log lines carry the progress."""
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stdout.isatty())
+    return tqdm(
+        total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stdout.isatty()
+    )
 
 
 def train_one_epoch(
@@ -109,15 +109,20 @@ def train_one_epoch(
         with torch.autocast(**parts.autocast):
             logits = model(inputs)
             loss = parts.criterion(logits, targets)
-        if not torch.isfinite(loss):
+        # Under DDP every rank must skip the same steps and stop after the same step, or the gradient
+        # all-reduce waits forever: one tiny all-reduce per step decides both (nothing in one process).
+        nonfinite, stop = any_rank(not torch.isfinite(loss), should_stop(), device=device)
+        if nonfinite:
             meter.nonfinite += 1
             if meter.nonfinite > parts.max_nonfinite:
-                raise NonFiniteLoss(
+                raise Diverged(
                     f"non-finite loss ({loss.item()}) at epoch {epoch}, step {meter.steps + 1} of {len(loader)} "
                     f"(global step {global_step + 1}); lower optim.optimizer.lr, set trainer.grad_clip, "
                     f"or allow skips with trainer.max_nonfinite_steps (now {parts.max_nonfinite})"
                 )
-            log.warning("non-finite loss at epoch %d step %d: step skipped (%d so far)", epoch, meter.steps + 1, meter.nonfinite)
+            log.warning(
+                "non-finite loss at epoch %d step %d: step skipped (%d so far)", epoch, meter.steps + 1, meter.nonfinite
+            )
             parts.optimizer.zero_grad(set_to_none=True)
         else:
             parts.optimizer.zero_grad(set_to_none=True)
@@ -145,9 +150,11 @@ def train_one_epoch(
         if global_step % parts.log_every == 0:
             lr = parts.optimizer.param_groups[0]["lr"]
             step_loss = loss.item()
-            bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{(correct / max(meter.count, 1)).item():.3f}", lr=f"{lr:.3g}")
+            bar.set_postfix(
+                loss=f"{step_loss:.3f}", acc=f"{(correct / max(meter.count, 1)).item():.3f}", lr=f"{lr:.3g}"
+            )
             on_step_log({"train/step_loss": step_loss, "lr": lr}, global_step)
-        if should_stop():
+        if stop:
             finished = meter.steps >= len(loader)
             break
     bar.close()
@@ -161,14 +168,15 @@ def train_one_epoch(
     return meter, global_step, finished
 
 
-def epoch_train_metrics(meter: EpochMeter, world: int) -> dict:
-    sums = all_reduce_sum(torch.tensor([meter.loss_sum, meter.correct, meter.count], dtype=torch.float64))
+def epoch_train_metrics(meter: EpochMeter) -> dict:
+    """The epoch's train metrics over all ranks: sums added up, img/s the ranks' rates added up."""
     timing = meter.timing
+    rate = timing["timed_images"] / timing["timed"] if timing["timed"] else float("nan")
+    sums = all_reduce_sum(torch.tensor([meter.loss_sum, meter.correct, meter.count, rate], dtype=torch.float64))
     return {
         "train/loss": (sums[0] / sums[2]).item(),
         "train/top1": 100 * (sums[1] / sums[2]).item(),
-        # Every rank runs at the same pace, so the global rate is the per-rank rate times the ranks.
-        "train/img_per_s": world * timing["timed_images"] / timing["timed"] if timing["timed"] else float("nan"),
+        "train/img_per_s": sums[3].item(),
         "train/data_wait_share": timing["wait"] / timing["elapsed"] if timing["elapsed"] else float("nan"),
         "train/epoch_time_s": timing["elapsed"],
     }
@@ -211,14 +219,15 @@ def evaluate(
             timed_images += y.shape[0]
     _sync(device)
     elapsed = time.perf_counter() - timed_start if timed_start is not None else 0.0
-    for t in (loss_sum, topk_correct, class_correct, class_count):
-        all_reduce_sum(t)
+    rate = torch.tensor(timed_images / elapsed if timed_images else float("nan"), device=device, dtype=torch.float64)
+    for t in (loss_sum, topk_correct, class_correct, class_count, rate):
+        all_reduce_sum(t)  # the ranks evaluate side by side: their rates add up
     n = class_count.sum()
     return {
         "val/loss": (loss_sum / n).item(),
         "val/top1": 100 * (topk_correct[0] / n).item(),
         "val/top5": 100 * (topk_correct[1] / n).item(),
-        "val/img_per_s": timed_images / elapsed if timed_images else float("nan"),
+        "val/img_per_s": rate.item(),
         "val/per_class_top1": (100 * class_correct / class_count.clamp(min=1)).tolist(),
     }
 

@@ -30,7 +30,9 @@ def _warmup_factor(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
 
-def cosine(optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0, min_lr_ratio: float = 0.0) -> LRScheduler:
+def cosine(
+    optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0, min_lr_ratio: float = 0.0
+) -> LRScheduler:
     """Linear warmup, then cosine from the base LR down to `min_lr_ratio * base LR` at the last step."""
     total, warmup = steps_per_epoch * epochs, round(steps_per_epoch * warmup_epochs)
 
@@ -44,7 +46,13 @@ def cosine(optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, warmup_ep
 
 
 def multistep(
-    optimizer: Optimizer, *, steps_per_epoch: int, epochs: int, milestones: list[int], gamma: float = 0.1, warmup_epochs: float = 0
+    optimizer: Optimizer,
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    milestones: list[int],
+    gamma: float = 0.1,
+    warmup_epochs: float = 0,
 ) -> LRScheduler:
     """Linear warmup, then the LR times `gamma` at each milestone epoch (the paper's x0.1 every 30 epochs)."""
     warmup = round(steps_per_epoch * warmup_epochs)
@@ -67,7 +75,9 @@ def onecycle(
 ) -> LRScheduler:
     """torch's one-cycle policy peaking at the optimizer's LR after `warmup_epochs`."""
     if not 0 < warmup_epochs < epochs:
-        raise ConfigError(f"optim.scheduler.warmup_epochs={warmup_epochs} must be in (0, trainer.epochs={epochs}) for one-cycle")
+        raise ConfigError(
+            f"optim.scheduler.warmup_epochs={warmup_epochs} must be in (0, trainer.epochs={epochs}) for one-cycle"
+        )
     return OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in optimizer.param_groups],

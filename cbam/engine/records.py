@@ -1,9 +1,9 @@
 """A run's own records in its output dir: the source of truth for reports, W&B only mirrors them.
 
-    config.yaml     the resolved config
-    metrics.jsonl   one JSON row per epoch
-    summary.json    final and best metrics, cost, provenance
-    last.pt, best.pt
+config.yaml     the resolved config
+metrics.jsonl   one JSON row per epoch
+summary.json    final and best metrics, cost, provenance
+last.pt, best.pt
 """
 
 import json
@@ -74,8 +74,12 @@ class RunRecords:
 def git_commit() -> str | None:
     """The commit the code ran at, with "-dirty" when the tree had uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.strip() + ("-dirty" if dirty.strip() else "")

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from cbam.data import build_loaders
-from cbam.errors import ConfigError
+from cbam.errors import ConfigError, Diverged
 from cbam.models import build_model, count_flops, count_params
 from cbam.tracking import NullTracker
 
 from . import distributed as dist
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from .loop import EpochMeter, StepParts, epoch_train_metrics, evaluate, train_one_epoch
 from .optim import build_optimizer
 from .records import RunRecords, git_commit
@@ -44,6 +44,8 @@ PREEMPTED_EXIT_CODE = 75
 class Preempted(Exception):
     """SIGTERM or SIGINT arrived; last.pt holds the state at the end of the current step."""
 
+    exit_code = PREEMPTED_EXIT_CODE  # also the W&B run's exit code
+
 
 def validate(cfg: DictConfig) -> None:
     for key in ("trainer.epochs", "data.batch_size", "data.eval_batch_size"):
@@ -57,12 +59,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """Under torchrun, `auto` and `cuda` mean this process's own GPU, cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but CUDA is not available here: use trainer.device=auto or cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ConfigError(f"trainer.device={name!r} is unknown: use auto, cpu or cuda")
+    if name == "cuda" and dist.launched_world_size() > 1:
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -105,16 +110,20 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 @contextmanager
-def stop_on_signals():
+def stop_on_signals(second_kills: bool = True):
     """SIGTERM (SLURM preemption) and SIGINT (Ctrl-C) set a flag; the loop finishes its step, writes
-    last.pt and stops. A second signal of either kind falls back to the default (immediate) action."""
+    last.pt and stops. A second signal of either kind falls back to the default (immediate) action,
+    unless `second_kills` is off: under torchrun a worker gets the same signal twice (from the terminal
+    or SLURM, and passed on by torchrun), and torchrun kills workers still running 30 s later itself."""
     requested = []
 
     def handler(signum, frame):
+        if not requested:
+            log.warning("%s received: finishing this step, then writing last.pt", signal.Signals(signum).name)
         requested.append(signum)
-        log.warning("%s received: finishing this step, then writing last.pt", signal.Signals(signum).name)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, previous[sig])
+        if second_kills:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, previous[sig])
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -140,28 +149,50 @@ def _checkpoint_to_resume(cfg: DictConfig, records: RunRecords) -> Path | None:
 
 
 def train(cfg: DictConfig) -> dict:
+    """One run; under torchrun, this process's rank of it."""
     validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    dist.join_process_group(device)
+    try:
+        return _train(cfg, device)
+    except (Preempted, Diverged):
+        # Every rank raised it after the same step: wait until all are done (rank 0 writing last.pt and
+        # finishing W&B), since torchrun stops the others as soon as one process exits.
+        dist.barrier()
+        raise
+
+
+def _train(cfg: DictConfig, device: torch.device) -> dict:
     hydra = HydraConfig.get()
-    records = RunRecords(Path(hydra.runtime.output_dir))
+    # Rank 0's dir for every rank: each resolved its own ${now:} (and cbam.cli gave ranks > 0 a throwaway one).
+    records = RunRecords(Path(dist.broadcast_object(hydra.runtime.output_dir)))
     resume_path = _checkpoint_to_resume(cfg, records)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None and checkpoint["epoch"] >= cfg.trainer.epochs and records.summary.exists():
         log.info("%s already finished all %d epochs; nothing to do", records.dir, cfg.trainer.epochs)
         return json.loads(records.summary.read_text())
     main_process = dist.rank() == 0
+    if checkpoint is not None and checkpoint["meter"]["steps"] and checkpoint.get("world_size", 1) != dist.world_size():
+        raise ConfigError(
+            f"{resume_path} was written mid-epoch by {checkpoint.get('world_size', 1)} process(es), and each "
+            f"process's share of an epoch depends on their number: resume it with as many, not {dist.world_size()}"
+        )
 
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
     train_loader, val_loader = build_loaders(
         cfg.data, device=device, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size()
     )
     model = build_model(cfg).to(device)
     n_params = count_params(model)
     flops = count_flops(model, cfg.data.in_chans, cfg.data.image_size)
+    if cfg.trainer.sync_bn and dist.is_distributed():
+        model = dist.convert_sync_batchnorm(model, device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=len(train_loader), epochs=cfg.trainer.epochs)
+    scheduler = instantiate(cfg.optim.scheduler)(
+        optimizer, steps_per_epoch=len(train_loader), epochs=cfg.trainer.epochs
+    )
     precision = PRECISIONS[cfg.trainer.precision]
     autocast = {"device_type": device.type, "dtype": precision, "enabled": precision != torch.float32}
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
@@ -183,11 +214,15 @@ def train(cfg: DictConfig) -> dict:
         start_epoch, global_step = checkpoint["epoch"], checkpoint["global_step"]
         best_top1, best_epoch, wandb_id = checkpoint["best_top1"], checkpoint["best_epoch"], checkpoint["wandb_id"]
         meter = EpochMeter(**checkpoint["meter"])
+        if not main_process:  # rank 0's meter holds the sums of every rank (see the preemption below)
+            meter = replace(meter, loss_sum=0.0, correct=0.0, count=0)
         log.info("resumed from %s at epoch %d, step %d of %d", resume_path, start_epoch, meter.steps, len(train_loader))
 
     step_model = model
     if dist.is_distributed():
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.trainer.compile:
         step_model = torch.compile(step_model)
     parts = StepParts(
@@ -223,6 +258,7 @@ def train(cfg: DictConfig) -> dict:
             "best_top1": best_top1,
             "best_epoch": best_epoch,
             "wandb_id": tracker.run_id,
+            "world_size": dist.world_size(),  # a mid-epoch checkpoint resumes with as many processes
             "config": resolved,
         }
 
@@ -230,6 +266,7 @@ def train(cfg: DictConfig) -> dict:
         records.dir.mkdir(parents=True, exist_ok=True)
         records.write_config(cfg)
         records.keep_epochs_before(start_epoch)  # rows past the checkpoint are run again
+    dist.barrier()  # the other ranks read metrics.jsonl below only once rank 0 has rewritten it
     group = cfg.group
     if group is None and hydra.mode == RunMode.MULTIRUN:
         group = Path(hydra.sweep.dir).name  # one W&B group per sweep
@@ -238,15 +275,17 @@ def train(cfg: DictConfig) -> dict:
     history = records.read_metrics() if checkpoint else []
     run_start = time.perf_counter()
 
-    with tracker_cls(
-        run_dir=records.dir,
-        name=f"{variant}-s{cfg.seed}",
-        group=group,
-        tags=[variant, hydra.runtime.choices["model"], hydra.runtime.choices["data"], *cfg.tags],
-        config=resolved,
-        run_id=wandb_id,
-    ) as tracker, stop_on_signals() as should_stop:
-
+    with (
+        tracker_cls(
+            run_dir=records.dir,
+            name=f"{variant}-s{cfg.seed}",
+            group=group,
+            tags=[variant, hydra.runtime.choices["model"], hydra.runtime.choices["data"], *cfg.tags],
+            config=resolved,
+            run_id=wandb_id,
+        ) as tracker,
+        stop_on_signals(second_kills=not dist.is_distributed()) as should_stop,
+    ):
         plain_progress = not sys.stdout.isatty()  # logs and batch jobs get lines instead of a bar
 
         def on_step_log(metrics: dict, step: int) -> None:
@@ -266,11 +305,18 @@ def train(cfg: DictConfig) -> dict:
                 should_stop=should_stop,
             )
             if not finished:
+                # One meter goes into last.pt: rank 0's takes the partial sums of all ranks, so that the
+                # epoch's all-reduce after resuming counts each sample once.
+                sums = torch.tensor([meter.loss_sum, meter.correct, meter.count], dtype=torch.float64)
+                dist.all_reduce_sum(sums)
+                meter = replace(meter, loss_sum=sums[0].item(), correct=sums[1].item(), count=int(sums[2].item()))
                 if main_process:
                     save_checkpoint(checkpoint_state(epoch), records.last)
-                raise Preempted(f"stopped at epoch {epoch}, step {meter.steps}; last.pt written: resume with resume=auto")
+                raise Preempted(
+                    f"stopped at epoch {epoch}, step {meter.steps}; last.pt written: resume with resume=auto"
+                )
             row = {"epoch": epoch, "step": global_step, "lr": optimizer.param_groups[0]["lr"]}
-            row |= epoch_train_metrics(meter, dist.world_size())
+            row |= epoch_train_metrics(meter)
             val = evaluate(
                 eval_model,
                 val_loader,
@@ -287,7 +333,8 @@ def train(cfg: DictConfig) -> dict:
             meter = EpochMeter()
             history.append(row)
             log.info(
-                "epoch %d/%d  train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f | %.0f img/s, data wait %.1f%%, %.1f s",
+                "epoch %d/%d  train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f | "
+                "%.0f img/s, data wait %.1f%%, %.1f s",
                 epoch + 1, epochs, row["train/loss"], row["train/top1"], row["val/loss"], row["val/top1"],
                 row["val/top5"], row["train/img_per_s"], 100 * row["train/data_wait_share"], row["train/epoch_time_s"],
             )  # fmt: skip
@@ -298,6 +345,7 @@ def train(cfg: DictConfig) -> dict:
                 save_checkpoint(state, records.last)
                 if is_best:
                     save_checkpoint(state, records.best)
+            dist.barrier()  # rank 0's checkpoints are complete before any rank goes on (or exits)
 
         peak_mb, peak_kind = peak_memory_mb(device)
         final = history[-1]
@@ -339,5 +387,20 @@ def train(cfg: DictConfig) -> dict:
                     "peak_memory_mb": peak_mb,
                 }
             )
+            if cfg.trainer.visualize:
+                _end_of_run_figures(eval_model, val_loader, records, f"{variant}-s{cfg.seed}", tracker, global_step)
     log.info("best val top1 %.2f at epoch %d; records in %s", best_top1, best_epoch + 1, records.dir)
     return summary
+
+
+def _end_of_run_figures(model, val_loader, records: RunRecords, title: str, tracker, step: int) -> None:
+    """trainer.visualize: attention maps, Grad-CAM and channel weights of the final model, into <run>/viz
+    and W&B. Figures are extras, like W&B: a failure warns and the finished run stays finished."""
+    from cbam.viz import log_end_of_run  # matplotlib only when asked for
+
+    try:
+        log_end_of_run(model, val_loader, records.dir, title=title, tracker=tracker, step=step)
+    except Exception as e:
+        log.warning(
+            "end-of-run figures failed (%s); make them with scripts/visualize.py checkpoint=%s", e, records.best
+        )

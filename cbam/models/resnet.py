@@ -98,7 +98,9 @@ class ResNet(nn.Module):
                 "or cifar (3x3 stride 1, for 28-32 px)"
             )
         if len(layers) != len(widths):
-            raise ConfigError(f"model.layers {list(layers)} and model.widths {list(widths)} must have one entry per stage")
+            raise ConfigError(
+                f"model.layers {list(layers)} and model.widths {list(widths)} must have one entry per stage"
+            )
         stages = range(1, len(layers) + 1)
         attention_stages = list(stages) if attention_stages is None else list(attention_stages)
         if not set(attention_stages) <= set(stages):
@@ -117,7 +119,7 @@ class ResNet(nn.Module):
 
         c_in = stem_width
         self.stage_names = []
-        for stage, (n_blocks, width) in enumerate(zip(layers, widths), start=1):
+        for stage, (n_blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
             stage_attn = attn_layer if stage in attention_stages else _no_attention
             c_out = width * block_cls.expansion
             blocks = []
@@ -126,7 +128,9 @@ class ResNet(nn.Module):
                 downsample = nn.Identity()
                 if stride != 1 or c_in != c_out:
                     # Projection shortcut (He et al. option B), torchvision's `downsample.0/1` names.
-                    downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+                    downsample = nn.Sequential(
+                        nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+                    )
                 blocks.append(block_cls(c_in, width, stride, downsample, stage_attn))
                 c_in = c_out
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))

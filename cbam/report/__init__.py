@@ -1,0 +1,7 @@
+"""The comparison report: finished runs grouped by variant, mean ± std over seeds, Welch's test against the
+baseline, a fairness check of the configs, plots, Markdown/CSV/HTML and one W&B summary run."""
+
+from .report import Comparison, build, compare
+from .stats import Welch, mean_std, welch
+
+__all__ = ["Comparison", "Welch", "build", "compare", "mean_std", "welch"]

@@ -1,0 +1,105 @@
+"""Finding and reading finished runs: our own records (summary.json, metrics.jsonl, config.yaml), never W&B."""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cbam.engine.records import RunRecords
+from cbam.errors import ConfigError
+
+# Any of these marks a dir as a run's dir (train.py writes config.yaml first, summary.json last).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "summary.json")
+WHAT_A_RUN_HOLDS = (
+    "a run dir holds summary.json, metrics.jsonl and config.yaml (train.py writes them); "
+    "a multirun dir holds such run dirs"
+)
+
+
+@dataclass
+class Run:
+    name: str  # the run dir's name, or parent/name when two runs share a name
+    dir: Path
+    summary: dict
+    config: dict  # the resolved config
+    history: list[dict]  # metrics.jsonl, one row per epoch
+    sweep: Path | None  # the multirun dir it was found in
+
+    @property
+    def variant(self) -> str:
+        return self.summary["variant"]
+
+    @property
+    def top1(self) -> float:
+        """The final epoch's val top-1: the accuracy compared (see README, "Comparing variants")."""
+        return self.summary["final"]["val/top1"]
+
+
+def _holds_a_run(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_FILES)
+
+
+def find_run_dirs(paths: Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
+    """(run dir, the multirun dir it was found in or None), for run dirs and multirun dirs (their subdirs)."""
+    if not paths:
+        raise ConfigError(f"no runs given: pass a multirun dir or run dirs ({WHAT_A_RUN_HOLDS})")
+    found: dict[Path, Path | None] = {}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ConfigError(f"{path} does not exist or is not a dir: pass a multirun dir or run dirs")
+        if _holds_a_run(path):
+            found.setdefault(path.resolve(), None)
+            continue
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and _holds_a_run(p))
+        if not subdirs:
+            raise ConfigError(f"no run records found in {path}: {WHAT_A_RUN_HOLDS}")
+        for sub in subdirs:
+            found.setdefault(sub.resolve(), path.resolve())
+    return list(found.items())
+
+
+def _names(dirs: list[Path]) -> list[str]:
+    names = [d.name for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{d.parent.name}/{d.name}" for d in dirs]
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Every run under `paths`; one ConfigError naming all runs that did not finish (no summary.json)."""
+    found = find_run_dirs(paths)
+    unfinished = [str(d) for d, _ in found if not RunRecords(d).summary.exists()]
+    if unfinished:
+        raise ConfigError(
+            f"{len(unfinished)} run(s) did not finish (no summary.json): {', '.join(unfinished)}; "
+            "resume them (train.py ... hydra.run.dir=<run dir> resume=auto) or pass only finished runs"
+        )
+    runs = []
+    for (run_dir, sweep), name in zip(found, _names([d for d, _ in found]), strict=True):
+        records = RunRecords(run_dir)
+        for path in (records.config, records.metrics):
+            if not path.exists():
+                raise ConfigError(f"{run_dir} has summary.json but no {path.name}: {WHAT_A_RUN_HOLDS}")
+        try:
+            summary = json.loads(records.summary.read_text())
+            config = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
+            history = records.read_metrics()
+        except (ValueError, OSError) as e:  # JSON and YAML errors are ValueErrors
+            raise ConfigError(f"cannot read the records of {run_dir}: {str(e).splitlines()[0]}") from e
+        runs.append(Run(name, run_dir, summary, config, history, sweep))
+    return runs
+
+
+def check_one_dataset(runs: list[Run]) -> str:
+    """The dataset all runs were trained on; a ConfigError when they were not all on one."""
+    by_data: dict[str, list[str]] = {}
+    for run in runs:
+        by_data.setdefault(run.summary["data"], []).append(run.name)
+    if len(by_data) > 1:
+        listing = "; ".join(f"{data}: {', '.join(names)}" for data, names in by_data.items())
+        raise ConfigError(
+            f"the runs were trained on different datasets ({listing}): compare the runs of one dataset at a time"
+        )
+    return next(iter(by_data))

@@ -1,0 +1,54 @@
+"""Compare attention variants across seeds from the runs' own records (never from W&B).
+
+    python scripts/compare.py multirun/2026-11-25_18-00-00             # a sweep: writes <it>/compare/
+    python scripts/compare.py run_a run_b run_c --baseline cbam --out report --no-wandb
+
+Writes comparison.md (also printed), comparison.csv, comparison.html and PNG plots to --out, and logs
+one W&B run (job_type "compare") in the runs' group. Exit status: 0 done, 2 bad input (one line on stderr).
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cbam.errors import EXIT_BAD_INPUT, ConfigError
+from cbam.report import compare
+
+log = logging.getLogger("cbam")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="a multirun dir (its run subdirs are read) and/or run dirs")
+    parser.add_argument(
+        "--baseline", default="none", help="the variant every other one is compared with (default: none)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output dir (default: <multirun dir>/compare, or ./compare for several dirs)"
+    )
+    parser.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
+    parser.add_argument(
+        "--wandb-mode",
+        choices=["auto", "online", "offline"],
+        default="auto",
+        help="auto: online with an API key, else offline (default: auto)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        compare(args.paths, baseline=args.baseline, out=args.out, wandb_mode=None if args.no_wandb else args.wandb_mode)
+    except ConfigError as e:
+        log.error("error: %s", e)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

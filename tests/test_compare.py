@@ -1,0 +1,293 @@
+"""scripts/compare.py as a user runs it, on a real tiny multirun: numbers, files, fairness, W&B, errors."""
+
+import base64
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
+from wandb.proto import wandb_internal_pb2
+from wandb_records import _payloads, read_run
+
+from cbam.report import welch
+
+SWEEP = [
+    "data=synthetic", "data.source.train_size=256", "data.source.val_size=128", "data.batch_size=32",
+    "trainer.epochs=2", "trainer.device=cpu", "logger.mode=offline", "attention=none,cbam", "seed=0,1",
+]  # fmt: skip
+PNGS = ["accuracy.png", "curves.png", "accuracy_vs_throughput.png"]
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # One intra-op thread: tiny batches gain nothing from more, and on a busy shared CPU spinning
+    # OpenMP threads made the sweep 10x slower.
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def compare(*args, cwd: Path) -> subprocess.CompletedProcess:
+    result = run("scripts/compare.py", *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def markdown_rows(markdown: str) -> list[dict]:
+    """The first Markdown table in `markdown`, as dicts keyed by its header."""
+    lines = [line for line in markdown.split("\n\n")[2].splitlines() if line.startswith("|")]
+    header, _, *body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(header, cells, strict=True)) for cells in body]
+
+
+def copy_sweep(sweep: Path, dest: Path) -> Path:
+    shutil.copytree(sweep, dest, ignore=shutil.ignore_patterns("*.pt", "wandb", "compare"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """Four finished runs: attention none and cbam, seeds 0 and 1, two epochs each."""
+    sweep = tmp_path_factory.mktemp("compare") / "sweep"
+    result = run("train.py", "-m", *SWEEP, f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def runs_of(sweep: Path) -> dict[tuple[str, int], str]:
+    """{(variant, seed): run dir name} (the names are Hydra's sweep subdirs)."""
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))}
+    runs = {(s["variant"], s["seed"]): name for name, s in summaries.items()}
+    assert sorted(runs) == [("cbam", 0), ("cbam", 1), ("none", 0), ("none", 1)]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def report(sweep) -> subprocess.CompletedProcess:
+    """compare.py on the sweep with the default --out (<sweep>/compare)."""
+    return compare(sweep, "--no-wandb", cwd=sweep.parent)
+
+
+def expected_rows(sweep: Path) -> dict[str, dict]:
+    """The table's numbers, computed here from the summaries alone."""
+    summaries = [json.loads((sweep / name / "summary.json").read_text()) for name in runs_of(sweep).values()]
+    top1 = {v: [s["final"]["val/top1"] for s in summaries if s["variant"] == v] for v in ("none", "cbam")}
+    rate = {v: statistics.mean(s["train_img_per_s"] for s in summaries if s["variant"] == v) for v in top1}
+    params = {s["variant"]: s["params"] for s in summaries}
+    flops = {s["variant"]: s["flops"] for s in summaries}
+    return {
+        v: {
+            "mean": statistics.mean(top1[v]),
+            "std": statistics.stdev(top1[v]),
+            "delta": statistics.mean(top1[v]) - statistics.mean(top1["none"]),
+            "test": scipy_stats.ttest_ind(top1[v], top1["none"], equal_var=False),
+            "params": params[v],
+            "flops": flops[v],
+            "rate": rate[v],
+            "ratio": rate[v] / rate["none"],
+        }
+        for v in top1
+    }
+
+
+# ---- the report's numbers and files ----
+
+
+def test_table_and_csv_match_the_runs_summaries(sweep, report):
+    out = sweep / "compare"
+    markdown = (out / "comparison.md").read_text()
+    assert markdown in report.stdout  # printed as written
+    assert "Compared 4 runs of 2 variants: resnet20 on synthetic, 2 epochs each; baseline: none." in markdown
+    expected = expected_rows(sweep)
+    rows = markdown_rows(markdown)
+    assert [r["variant"] for r in rows] == ["none", "cbam"]  # the baseline first
+    for row in rows:
+        e = expected[row["variant"]]
+        assert row["seeds (n)"] == "0, 1 (2)"
+        assert row["val top-1 % (mean ± std)"] == f"{e['mean']:.2f} ± {e['std']:.2f}"
+        assert row["params"] == f"{e['params']:,}"
+        assert row["img/s vs baseline"] == f"{e['ratio']:.2f}×"
+        assert row["train img/s"] == f"{e['rate']:,.0f}"
+        assert row["epochs"] == "2"
+    assert rows[0]["Δ vs baseline [95% CI]"] == "baseline"
+    assert rows[1]["Δ vs baseline [95% CI]"].startswith(f"{expected['cbam']['delta']:+.2f} [")
+    assert expected["cbam"]["params"] > expected["none"]["params"]
+
+    with (out / "comparison.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["none", "cbam"]
+    for r in table:
+        e = expected[r["variant"]]
+        assert float(r["val_top1_mean"]) == pytest.approx(e["mean"])
+        assert float(r["val_top1_std"]) == pytest.approx(e["std"])
+        assert int(r["params"]) == e["params"] and int(r["flops"]) == e["flops"]
+        assert r["n"] == "2" and r["seeds"] == "0 1"
+        assert float(r["train_img_per_s"]) == pytest.approx(e["rate"])
+        assert float(r["train_img_per_s_ratio"]) == pytest.approx(e["ratio"])
+    base, cbam = table
+    assert base["delta_vs_baseline"] == base["p_welch"] == ""  # the baseline is not tested against itself
+    e = expected["cbam"]
+    assert float(cbam["delta_vs_baseline"]) == pytest.approx(e["delta"])
+    if e["std"] + expected["none"]["std"] > 0:  # Welch's test is undefined for two constant samples
+        ci = e["test"].confidence_interval(0.95)
+        assert float(cbam["p_welch"]) == pytest.approx(e["test"].pvalue)
+        assert rows[1]["Δ vs baseline [95% CI]"] == f"{e['delta']:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
+        assert float(cbam["delta_ci95_low"]) == pytest.approx(ci.low)
+        assert float(cbam["delta_ci95_high"]) == pytest.approx(ci.high)
+
+
+def test_plots_are_pngs_and_the_html_embeds_them_with_the_table(sweep, report):
+    out = sweep / "compare"
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    page = (out / "comparison.html").read_text()
+    for name in PNGS:
+        assert base64.b64encode((out / name).read_bytes()).decode() in page, name
+    assert "<table>" in page and "<th>val top-1 % (mean ± std)</th>" in page
+    for row in markdown_rows((out / "comparison.md").read_text()):
+        assert f"<td>{row['val top-1 % (mean ± std)']}</td>" in page
+    assert "Compared 4 runs of 2 variants" in page and "Unfair comparisons" in page and "final epoch" in page
+    assert 'src="accuracy.png"' not in page  # nothing refers to a file beside it
+
+
+def test_one_seed_per_variant_gives_na_not_a_crash(sweep, tmp_path):
+    runs = runs_of(sweep)
+    result = compare(sweep / runs["none", 0], sweep / runs["cbam", 0], "--no-wandb", cwd=tmp_path)
+    markdown = (tmp_path / "compare" / "comparison.md").read_text()  # several run dirs: ./compare
+    base, cbam = markdown_rows(markdown)
+    assert base["val top-1 % (mean ± std)"].endswith("± n/a") and cbam["val top-1 % (mean ± std)"].endswith("± n/a")
+    assert cbam["Δ vs baseline [95% CI]"].endswith("[n/a]") and cbam["p (Welch)"] == "n/a"
+    assert "Unfair comparisons" in result.stdout
+
+
+def test_logs_one_offline_wandb_run_with_the_table_and_plots(sweep, tmp_path):
+    out = tmp_path / "report"
+    compare(sweep, "--wandb-mode", "offline", "--out", out, cwd=tmp_path)
+    wandb_run = read_run(out)
+    assert wandb_run["name"] == "compare" and wandb_run["group"] == "sweep" and wandb_run["exit_code"] == 0
+    assert job_type(out) == "compare"
+    [logged] = wandb_run["history"]
+    assert logged["comparison/_type"] == "table-file" and logged["comparison/nrows"] == 2
+    for name in ("accuracy", "curves", "accuracy_vs_throughput"):
+        assert logged[f"{name}/_type"] == "image-file" and logged[f"{name}/format"] == "png", name
+    [table_file] = out.glob("wandb/offline-run-*/files/" + logged["comparison/path"])
+    table = json.loads(table_file.read_text())
+    with (out / "comparison.csv").open() as f:
+        expected = list(csv.DictReader(f))
+    assert table["columns"] == list(expected[0])
+    assert [row[0] for row in table["data"]] == [r["variant"] for r in expected]
+    assert [row[3] for row in table["data"]] == pytest.approx([float(r["val_top1_mean"]) for r in expected])
+    assert sorted(r["name"] for r in wandb_run["config"]["runs"]) == sorted(runs_of(sweep).values())
+
+
+def job_type(run_dir: Path) -> str:
+    [log] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    for payload in _payloads(log.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            return record.run.job_type
+    raise AssertionError("no run record")
+
+
+# ---- statistics ----
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([91.2, 91.5, 90.9], [90.1, 90.4, 90.2]),  # equal n
+        ([91.2, 91.5, 90.9, 92.3, 91.0], [90.1, 93.4]),  # unequal n, unequal variances
+        ([75.0, 75.1], [80.0, 70.0, 85.0, 60.0]),  # negative difference, very unequal variances
+        ([99.0, 99.1, 99.05], [50.0, 50.2, 49.9]),  # a tiny p-value
+    ],
+)
+def test_welch_matches_scipy(a, b):
+    ours = welch(a, b)
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert ours.t == pytest.approx(ref.statistic, rel=1e-10)
+    assert ours.p == pytest.approx(ref.pvalue, rel=1e-8)
+    assert ours.df == pytest.approx(ref.df, rel=1e-10)
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert ours.diff == pytest.approx(statistics.mean(a) - statistics.mean(b))
+
+
+def test_welch_needs_two_values_per_side_and_some_variance():
+    with pytest.raises(ValueError, match=">= 2 values per sample"):
+        welch([90.0], [89.0, 90.0])
+    constant = welch([90.0, 90.0], [91.0, 91.0])
+    assert constant.diff == -1.0 and math.isnan(constant.p) and math.isnan(constant.ci_low)
+
+
+# ---- fairness and bad input ----
+
+
+def test_a_changed_learning_rate_is_flagged_with_both_values(sweep, tmp_path):
+    copy = copy_sweep(sweep, tmp_path / "sweep")
+    names = sorted(runs_of(sweep).values())  # the table lists runs in dir order
+    config = OmegaConf.load(copy / names[-1] / "config.yaml")
+    assert config.optim.optimizer.lr == 0.1
+    config.optim.optimizer.lr = 0.05
+    OmegaConf.save(config, copy / names[-1] / "config.yaml")
+    result = compare(copy, "--no-wandb", cwd=tmp_path)
+    flagged = f"optim.optimizer.lr: 0.1 ({', '.join(names[:-1])}) vs 0.05 ({names[-1]})"
+    unfair = result.stdout.split("## Unfair comparisons")[1].split("##")[0]
+    assert unfair.strip().splitlines() == [f"- `{flagged}`"]  # nothing else: seeds and attention may differ
+    assert f"warning: unfair comparison: the runs differ in {flagged}" in result.stderr
+    assert flagged in (copy / "compare" / "comparison.html").read_text()
+
+
+def no_summary(copy: Path, runs: dict) -> None:
+    (copy / runs["none", 1] / "summary.json").unlink()
+
+
+def other_dataset(copy: Path, runs: dict) -> None:
+    path = copy / runs["cbam", 0] / "summary.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"data": "cifar10"}))
+
+
+@pytest.mark.parametrize(
+    "change, args, message",
+    [
+        (None, ["NOPE"], "does not exist"),
+        (None, ["EMPTY"], "no run records found in"),
+        (None, ["EMPTY"], "a run dir holds summary.json, metrics.jsonl and config.yaml"),
+        (no_summary, ["COPY"], "1 run(s) did not finish (no summary.json): "),
+        (no_summary, ["COPY"], "{none-s1}; resume them"),
+        (
+            other_dataset,
+            ["COPY"],
+            "different datasets (synthetic: {none-s0}, {none-s1}, {cbam-s1}; cifar10: {cbam-s0})",
+        ),
+        (
+            None,
+            ["COPY", "--baseline", "cbam_parallel"],
+            "the baseline variant 'cbam_parallel' is not among the runs (cbam, none)",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, change, args, message):
+    copy = copy_sweep(sweep, tmp_path / "sweep")
+    (tmp_path / "empty").mkdir()
+    runs = runs_of(sweep)
+    if change:
+        change(copy, runs)
+    message = message.format_map(
+        {f"{v}-s{seed}": str(copy / name) if change is no_summary else name for (v, seed), name in runs.items()}
+    )
+    paths = {"NOPE": tmp_path / "nope", "EMPTY": tmp_path / "empty", "COPY": copy}
+    result = run("scripts/compare.py", *[paths.get(a, a) for a in args], "--no-wandb", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (copy / "compare").exists() and result.stdout == ""

@@ -1,0 +1,198 @@
+"""`torchrun --nproc_per_node=2 train.py` on CPU (gloo): one run dir, one W&B run, and the numbers of one
+process with the same global batch."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+from conftest import ROOT
+from torch import nn
+from wandb_records import read_run
+
+from cbam.attention.channel import DescriptorBatchNorm
+from cbam.cli import torchrun_argv
+from cbam.engine import distributed as dist
+
+# 256 images, 8 steps an epoch: 2 processes x 16 against 1 x 32. A gentle lr: at the default 0.1 these
+# nets, still at chance, blow float32 rounding up to 1e-4 in 16 steps and hide what is compared.
+ARGS = [
+    "data=synthetic", "data.source.train_size=256", "data.source.val_size=128", "trainer.epochs=2",
+    "trainer.device=cpu", "logger.mode=offline", "optim.optimizer.lr=0.02", "trainer.log_every_n_steps=1",
+]  # fmt: skip
+DDP = [*ARGS, "data.batch_size=16", "trainer.sync_bn=true"]
+SINGLE = [*ARGS, "data.batch_size=32"]
+LOSSES = ("train/loss", "val/loss")
+ACCURACIES = ("train/top1", "val/top1", "val/top5")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def env(tmp: Path) -> dict:
+    # One thread per process in both runs (torchrun's default for its workers), and a temp dir of our
+    # own, to check that the ranks > 0 leave nothing behind.
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+
+
+def train(*args: str, cwd: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+    cmd = [*launcher, str(ROOT / "train.py"), *args]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env(cwd / "tmp"))
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree(path: Path) -> set[str]:
+    """Every path under `path`, less W&B's and the temp dir's (torchrun keeps its logs there)."""
+    return {str(p.relative_to(path)) for p in path.rglob("*") if not {"wandb", "tmp"} & set(p.relative_to(path).parts)}
+
+
+def leftover_rank_dirs(path: Path) -> list[Path]:
+    return list((path / "tmp").glob("cbam-rank*"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Under one cwd: torchrun with 2 processes into the default run dir (`outputs/.../<time>`, which each
+    process resolves on its own), and one process into `single/`."""
+    cwd = tmp_path_factory.mktemp("runs")
+    train(*DDP, cwd=cwd, launcher=TORCHRUN)
+    train(*SINGLE, f"hydra.run.dir={cwd / 'single'}", cwd=cwd, launcher=[sys.executable])
+    return cwd
+
+
+def ddp_dir(runs: Path) -> Path:
+    [run_dir] = (runs / "outputs" / "synthetic" / "resnet20" / "cbam-s0").iterdir()
+    return run_dir
+
+
+def test_two_processes_make_one_run_dir_and_one_wandb_run(runs):
+    files = {"config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "train.log"}
+    ddp = str(ddp_dir(runs).relative_to(runs))
+    parents = {str(p) for p in Path(ddp).parents if str(p) != "."}
+    assert tree(runs) == {ddp, *parents, "single", *(f"{d}/{f}" for d in (ddp, "single") for f in files)}
+    assert not leftover_rank_dirs(runs)
+    summary = json.loads((runs / ddp / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["run_dir"] == str(runs / ddp)
+    wandb_run = read_run(runs / ddp)  # asserts there is exactly one
+    assert wandb_run["id"] == summary["wandb_run_id"] and wandb_run["exit_code"] == 0
+    assert [h["epoch"] for h in wandb_run["history"] if "val/top1" in h] == [0, 1]
+    log = (runs / ddp / "train.log").read_text()
+    assert "rank 0 of 2 on cpu (gloo)" in log and log.count("epoch 1/2") == 1  # rank 0's lines only
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    ddp, single = rows(ddp_dir(runs)), rows(runs / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [8, 16]
+    for a, b in zip(ddp, single, strict=True):
+        # Measured: 1e-7 apart; per-process BatchNorm (trainer.sync_bn=false) is 1e-4 apart in train loss.
+        assert {k: a[k] for k in LOSSES} == pytest.approx({k: b[k] for k in LOSSES}, rel=1e-5)
+        assert {k: a[k] for k in ACCURACIES} == {k: b[k] for k in ACCURACIES}
+        assert a["train/img_per_s"] > 0 and a["val/img_per_s"] > 0
+
+
+def test_a_stopped_torchrun_job_resumes_to_the_uninterrupted_metrics(runs, tmp_path):
+    stopped = tmp_path / "stopped"
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*TORCHRUN, str(ROOT / "train.py"), *DDP, f"hydra.run.dir={stopped}"],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env(tmp_path / "tmp"),
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while "step 10:" not in log.read_text():  # the second of 8 steps in epoch 2
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
+        proc.wait(timeout=120)
+    output = log.read_text()
+    assert proc.returncode != 0 and "resume with resume=auto" in output, output[-3000:]
+    assert not (stopped / "summary.json").exists()
+    checkpoint = torch.load(stopped / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and 0 < checkpoint["meter"]["steps"] < 8 and checkpoint["world_size"] == 2
+
+    train(*DDP, f"hydra.run.dir={stopped}", "resume=auto", cwd=tmp_path, launcher=TORCHRUN)
+    metrics = (*LOSSES, *ACCURACIES)
+    resumed, straight = rows(stopped), rows(ddp_dir(runs))
+    assert [{k: r[k] for k in metrics} for r in resumed] == [{k: r[k] for k in metrics} for r in straight]
+    summary = json.loads((stopped / "summary.json").read_text())
+    wandb_ids = {p.stem.removeprefix("run-") for p in stopped.glob("wandb/offline-run-*/run-*.wandb")}
+    assert wandb_ids == {summary["wandb_run_id"]}  # the resumed job continues the same W&B run
+    assert {p.name for p in tmp_path.iterdir()} == {"stopped", "tmp", "torchrun.log"}
+    assert not leftover_rank_dirs(tmp_path)
+
+
+# ---- pieces ----
+
+
+def test_ranks_above_zero_get_a_throwaway_hydra_dir_and_stderr_logging(monkeypatch):
+    argv = ["train.py", "data=synthetic", "hydra.run.dir=runs/x", "seed=1", "-m"]
+    monkeypatch.delenv("RANK", raising=False)
+    assert torchrun_argv(argv) == argv
+    monkeypatch.setenv("RANK", "1")
+    worker = torchrun_argv(argv)
+    assert worker[0] == "train.py" and worker[-1] == "-m"  # the overrides stay one block, as argparse needs
+    own_dir = worker[1].removeprefix("hydra.run.dir=")
+    assert Path(own_dir).is_dir() and "hydra.run.dir=runs/x" not in worker
+    assert worker[-3:-1] == ["data=synthetic", "seed=1"] and "hydra/job_logging=stderr" in worker
+    Path(own_dir).rmdir()  # at exit in a real run
+
+
+def _sync_bn_worker(rank: int, port: int, out: str) -> None:
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _bn_model()
+        model = dist.convert_sync_batchnorm(model, torch.device("cpu"))
+        x, w = _bn_batch()
+        y = model(x[rank::2])
+        (y * w[rank::2]).sum().backward()
+        grads = [dist.all_reduce_sum(p.grad) for p in model.parameters()]  # as DDP does, without its 1/2
+        if rank == 0:
+            torch.save({"y": y.detach(), "state": model.state_dict(), "grads": grads}, out)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _bn_model() -> nn.Module:
+    # A conv BN and the attention's BN over pooled (N, C, 1, 1) descriptors, in float64.
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), DescriptorBatchNorm(4)
+    ).double()
+
+
+def _bn_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)  # (N, C, H, W), 3 images per rank
+    w = torch.randn(6, 4, 1, 1, generator=g, dtype=torch.float64)  # weights of a loss over the outputs
+    return x, w
+
+
+@pytest.mark.slow  # ~10 s: two spawned processes import this module
+def test_cpu_sync_batchnorm_over_two_ranks_is_batchnorm_over_their_union(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sync_bn_worker, args=(port, str(tmp_path / "rank0.pt")), nprocs=2)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+
+    torch.manual_seed(0)
+    model = _bn_model()
+    x, w = _bn_batch()
+    # The two ranks' losses add up to this one, and so do their gradients.
+    y = model(x)
+    (y * w).sum().backward()
+    torch.testing.assert_close(got["y"], y.detach()[0::2])
+    torch.testing.assert_close(got["state"], model.state_dict())  # running mean, unbiased var, count
+    torch.testing.assert_close(got["grads"], [p.grad for p in model.parameters()])

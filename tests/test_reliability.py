@@ -1,0 +1,172 @@
+"""Keep running: preemption, SIGKILL, divergence, a full disk, an unreachable W&B server."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from test_train import FAST, METRICS, rows, run
+from wandb_records import read_run
+
+from cbam.engine.checkpoint import CheckpointError, save_checkpoint
+from cbam.errors import Diverged
+
+LONGER = [*FAST, "data.source.train_size=512", "trainer.epochs=3"]  # 16 steps an epoch: time to interrupt
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted run that interrupted-and-resumed runs must reproduce exactly."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run("train.py", *LONGER, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    return run_dir
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *LONGER, f"hydra.run.dir={run_dir}", *extra],
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.time() + 120
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def first_epoch_recorded(run_dir: Path):
+    metrics = run_dir / "metrics.jsonl"
+    return lambda: metrics.exists() and metrics.read_text().strip() != ""
+
+
+def assert_resume_reproduces(straight: Path, stopped: Path) -> None:
+    run("train.py", *LONGER, f"hydra.run.dir={stopped}", "resume=auto", cwd=stopped.parent)
+    resumed = rows(stopped)
+    assert [r["epoch"] for r in resumed] == [0, 1, 2]
+    for a, b in zip(rows(straight), resumed, strict=True):
+        assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_stop_signal_writes_last_pt_exits_75_and_resume_matches(straight_run, tmp_path, sig):
+    stopped = tmp_path / "stopped"
+    proc = start(stopped)
+    wait_for(proc, first_epoch_recorded(stopped), "its first epoch was recorded")
+    proc.send_signal(sig)  # lands in the second of three epochs
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "resume with resume=auto" in stderr and "Traceback" not in stderr
+    assert not (stopped / "summary.json").exists()
+    checkpoint = torch.load(stopped / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1  # stopped inside epoch 1, `meter.steps` steps into it
+    assert read_run(stopped)["exit_code"] == 75  # the W&B run is finished, as preempted
+    assert_resume_reproduces(straight_run, stopped)
+
+
+def test_sigkill_leaves_the_newest_complete_checkpoint_and_resume_continues(straight_run, tmp_path):
+    killed = tmp_path / "killed"
+    proc = start(killed)
+    wait_for(proc, (killed / "last.pt").exists, "last.pt was written")
+    time.sleep(0.3)  # somewhere in the next epoch, or in a checkpoint write
+    proc.kill()
+    proc.communicate(timeout=60)
+    checkpoint = torch.load(killed / "last.pt", weights_only=True)  # complete, whatever the moment
+    assert checkpoint["epoch"] >= 1
+    assert_resume_reproduces(straight_run, killed)
+    assert not list(killed.glob(".*.tmp"))  # a temp file left by the kill is cleared by the next write
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path):
+    result = run(
+        "train.py", *FAST, "optim.optimizer.lr=1e12", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "non-finite loss" in result.stderr and "at epoch 0, step" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_skipped_non_finite_steps_are_counted_then_the_run_stops(tmp_path):
+    result = run(
+        "train.py", *FAST, "optim.optimizer.lr=1e12", "trainer.max_nonfinite_steps=3",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert result.stderr.count("step skipped") == 3
+    assert "trainer.max_nonfinite_steps (now 3)" in result.stderr
+
+
+def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+    good = path.read_bytes()
+    with pytest.raises(Diverged, match="not finite.*previous checkpoint is kept"):
+        save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan"), 2.0])}, "config": {}}, path)
+    assert path.read_bytes() == good
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+    good = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(
+        CheckpointError, match="No space left on device.*free some space.*previous checkpoint is intact"
+    ):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_a_full_disk_during_training_is_one_clear_error(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # A real full disk: a 3 MiB tmpfs holds last.pt (2.3 MB) but not best.pt beside it.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root and a system that allows it")
+    try:
+        result = run("train.py", *FAST, f"hydra.run.dir={disk / 'run'}", cwd=tmp_path, check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+        assert torch.load(disk / "run" / "last.pt", weights_only=True)["epoch"] == 1  # the one that fit
+        assert not list((disk / "run").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_an_unreachable_wandb_server_falls_back_to_offline(tmp_path):
+    env = {
+        **os.environ,
+        "WANDB_MODE": "",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens on the discard port
+    }
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, "logger.mode=online", "logger.init_timeout=3",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "W&B online init failed" in result.stderr and "logging offline instead" in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert read_run(tmp_path / "run")["id"] == summary["wandb_run_id"]
