@@ -278,3 +278,35 @@ def test_bn_mlp_with_batch_of_one_in_train_mode_says_why(variant):
     with pytest.raises(ValueError, match=r"more than one sample.*batch size >= 2.*mlp_bn=false"):
         module(torch.randn(1, 32, 4, 4, dtype=torch.float64))
     assert module.eval()(torch.randn(1, 32, 4, 4, dtype=torch.float64)).shape == (1, 32, 4, 4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_compiles_to_one_graph_with_the_same_numbers(variant):
+    """torch.compile captures each variant whole (fullgraph: no graph break from Python work in
+    forward); aot_eager traces forward and backward without codegen, so this stays fast on a CPU."""
+    torch._dynamo.reset()
+    eager = make(variant, 32).float().train()
+    compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 32, 8, 8, requires_grad=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
+    eager.zero_grad()
+    x_eager = x.detach().clone().requires_grad_()
+    expected = eager(x_eager)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_eager.grad)
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_cbam_resnet_on_cpu():
+    from cbam.models import build_model
+
+    torch._dynamo.reset()
+    model = build_model(compose_config("model_stats", "model=resnet20", "attention=cbam", "data=cifar10")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)

@@ -88,26 +88,24 @@ def test_every_optimizer_and_schedule_instantiates_and_steps(optim, scheduler):
     assert all(lr >= 0 for lr in lrs) and lrs[-1] < max(lrs)  # every schedule decays by the end
 
 
-def test_cosine_warmup_and_multistep_shapes():
-    net = torch.nn.Linear(1, 1)
-    cfg = compose_config("train", "optim.scheduler.warmup_epochs=1")
-    optimizer = build_optimizer(cfg.optim, net)
+def lr_trace(*overrides: str, steps: int) -> list[float]:
+    """The LR before the first step and after each of `steps` steps, 10 steps an epoch, 3 epochs."""
+    cfg = compose_config("train", *overrides)
+    optimizer = build_optimizer(cfg.optim, torch.nn.Linear(1, 1))
     schedule = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=10, epochs=3)
     lrs = [optimizer.param_groups[0]["lr"]]
-    for _ in range(30):
+    for _ in range(steps):
         optimizer.step()
         schedule.step()
         lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_cosine_warmup_and_multistep_shapes():
+    lrs = lr_trace("optim.scheduler.warmup_epochs=1", steps=30)
     assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warmup over 10 steps
     assert lrs[30] == pytest.approx(0.0, abs=1e-12)  # cosine reaches min_lr_ratio * lr at the end
-    cfg = compose_config("train", "optim/scheduler=multistep", "optim.scheduler.milestones=[1,2]")
-    optimizer = build_optimizer(cfg.optim, net)
-    schedule = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=10, epochs=3)
-    lrs = [optimizer.param_groups[0]["lr"]]
-    for _ in range(25):
-        optimizer.step()
-        schedule.step()
-        lrs.append(optimizer.param_groups[0]["lr"])
+    lrs = lr_trace("optim/scheduler=multistep", "optim.scheduler.milestones=[1,2]", steps=25)
     assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01) and lrs[20] == pytest.approx(0.001)
 
 
