@@ -140,11 +140,22 @@ def reference(variant, x, sd, training):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_matches_reference(variant, training):
+    """Forward and every gradient (input and parameters) against autograd through the reference: the
+    pools' backward rests on choices made for speed (argmax-keeping max pools, means as sum x 1/n)."""
     torch.manual_seed(0)
     module = make(variant, 32).train(training)
     sd = randomize(module)
-    x = torch.randn(4, 32, 9, 7, dtype=torch.float64)
-    torch.testing.assert_close(module(x), reference(variant, x, sd, training))
+    params = dict(module.named_parameters())
+    for name in params:
+        sd[name].requires_grad_()
+    x = torch.randn(4, 32, 9, 7, dtype=torch.float64, requires_grad=True)
+    out, expected = module(x), reference(variant, x, sd, training)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *params.values()], upstream, allow_unused=True)
+    want = torch.autograd.grad(expected, [x, *(sd[n] for n in params)], upstream, allow_unused=True)
+    for name, g, w in zip(["input", *params], got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
 
 
 def test_original_matches_timm_cbam_module():
