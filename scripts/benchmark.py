@@ -16,8 +16,9 @@ then the README's targets, each with the measured value and whether it is met he
 Sections 1 and 2 feed random tensors of the data config's shape (in_chans, image_size, num_classes) that
 live on the device, so data=imagenet needs no ImageNet. Section 3 reads the dataset's train split and is
 skipped with a note when the dataset is not there (CIFAR is downloaded to ./data, as train.py would).
-Rows are measured in turn, `repeats` times, and the medians reported. Markdown goes to stdout, progress
-to stderr. Exit status: 0 done, 2 bad input.
+Rows are measured in turn, `repeats` times: rates are the medians, and each ratio is the median of the
+ratios measured within one repeat. Markdown goes to stdout, progress to stderr. Exit status: 0 done,
+2 bad input.
 """
 
 import logging
@@ -129,8 +130,10 @@ def median(values: list[float | None]) -> float | None:
     return None if None in values else statistics.median(values)
 
 
-def ratio(value: float | None, base: float | None) -> float | None:
-    return None if value is None or base is None else value / base
+def paired_ratio(values: list[float], bases: list[float]) -> float:
+    """The median over repeats of value / base measured in the same repeat: a slow drift of the machine
+    (this project's shared CPU moves 10-20% over minutes) hits both sides of each pair alike and cancels."""
+    return statistics.median(v / b for v, b in zip(values, bases, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -261,17 +264,18 @@ def variant_section(cfg: DictConfig, bench: Bench, names: list[str], modes: list
                 )  # fmt: skip
     rows = []
     for compiled in modes:
-        base = {k: median(v) for k, v in samples["none", compiled].items()}
+        base = samples["none", compiled]
         for name in names:
-            m = {k: median(v) for k, v in samples[name, compiled].items()}
+            own = samples[name, compiled]
+            m = {k: median(v) for k, v in own.items()}
             rows.append(
                 {
                     "attention": name,
                     "mode": MODES[compiled],
                     "train img/s": m["train"],
-                    "train vs none": ratio(m["train"], base["train"]),
+                    "train vs none": paired_ratio(own["train"], base["train"]),
                     "infer img/s": m["infer"],
-                    "infer vs none": ratio(m["infer"], base["infer"]),
+                    "infer vs none": paired_ratio(own["infer"], base["infer"]),
                     "train peak MiB": m["train_mib"],
                     "infer peak MiB": m["infer_mib"],
                 }
@@ -334,13 +338,12 @@ def step_section(cfg: DictConfig, bench: Bench, modes: list[bool]) -> list[dict]
                 "[%d/%d] %s step: ours %.0f img/s, bare %.0f img/s",
                 r + 1, cfg.repeats, MODES[compiled], rates["ours"][-1], rates["bare"][-1],
             )  # fmt: skip
-        ours_rate, bare_rate = median(rates["ours"]), median(rates["bare"])
         rows.append(
             {
                 "mode": MODES[compiled],
-                "our step img/s": ours_rate,
-                "bare loop img/s": bare_rate,
-                "ours / bare": ours_rate / bare_rate,
+                "our step img/s": median(rates["ours"]),
+                "bare loop img/s": median(rates["bare"]),
+                "ours / bare": paired_ratio(rates["ours"], rates["bare"]),
             }
         )
     return rows
@@ -542,7 +545,8 @@ def main(cfg: DictConfig) -> None:
         f"{list(cfg.model.layers)}, {cfg.model.stem} stem); input {size} random tensors, {cfg.data.num_classes} "
         f"classes (data={cfg.data.name}'s shape); batch {cfg.batch_size}; precision {cfg.precision}; "
         f"channels_last {str(cfg.channels_last).lower()}; {cfg.steps} timed steps after {cfg.warmup} warm-up, "
-        f"median of {cfg.repeats} interleaved repeats; optimizer {cfg.optim.optimizer._target_.rsplit('.', 1)[-1]}."
+        f"median of {cfg.repeats} interleaved repeats (ratios: median of the per-repeat ratios); "
+        f"optimizer {cfg.optim.optimizer._target_.rsplit('.', 1)[-1]}."
     )
     print(
         "\nPer variant. Train: forward, backward, optimizer and LR-scheduler step on one batch; infer: eval mode, "

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from timm.layers.cbam import CbamModule
 
 from cbam.attention import ChannelSpatialAttention
+from cbam.attention.pooling import SPATIAL_POOLS
 
 VARIANTS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
 
@@ -241,6 +242,20 @@ def test_shape_and_gradient_flow(variant, channels):
     assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in module.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_spatial_max_gives_amax_gradient_at_ties():
+    """The spatial gate's max over channels has its own backward; where several channels share the
+    maximum (ReLU zeros, duplicated channels) it must split the gradient as autograd's amax does."""
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64).relu().round()  # zeros and small integers: many ties
+    x[:, 3:] = x[:, :3]  # and every maximum at least twice
+    assert ((x == x.amax(1, keepdim=True)).sum(1) >= 2).all()
+    grad = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    SPATIAL_POOLS["max"](ours).backward(grad)
+    reference.amax(1, keepdim=True).backward(grad)
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=0, atol=1e-15)
+    torch.autograd.gradcheck(SPATIAL_POOLS["max"], torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True))
 
 
 def test_none_adds_no_parameters_and_is_identity():

@@ -15,15 +15,34 @@ def _mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.sum(dim=dims, keepdim=True) * (1.0 / n)
 
 
-def _max_over_channels(x: torch.Tensor) -> torch.Tensor:
-    return x.max(dim=1, keepdim=True).values
+class _MaxOverChannels(torch.autograd.Function):
+    """`x.amax(dim=1, keepdim=True)` with amax's gradient: split evenly over tied maxima.
+
+    On CPU, amax's forward is 5x faster than `max(dim=1)` over NCHW (no argmax to track) and lets inductor
+    vectorise along H*W instead of gathering each pixel's channels (the compiled CBAM block measured 1.5x
+    faster). The backward scales a float mask in place, where autograd's amax backward and `torch.where`
+    measured 1.5x slower.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        peak = x.amax(dim=1, keepdim=True)
+        ctx.save_for_backward(x, peak)
+        return peak
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, peak = ctx.saved_tensors
+        at_peak = (x == peak).to(grad.dtype)
+        ties = at_peak.sum(dim=1, keepdim=True, dtype=torch.float32)  # exact counts under bf16/fp16 too
+        return at_peak.mul_(grad / ties)
 
 
 # Name -> pooling, over the spatial dims (channel gate, output (N, C, 1, 1)) or over the channels
-# (spatial gate, output (N, 1, H, W)). The max pools keep the argmax for the backward pass: amax's
-# backward, which spreads the gradient over ties, measured 1.2x (spatial) and 4x (channel) slower.
+# (spatial gate, output (N, 1, H, W)). The channel gate's max keeps the argmax for its backward pass:
+# amax's backward measured 4x slower there.
 CHANNEL_POOLS = {"avg": lambda x: _mean(x, (2, 3)), "max": lambda x: F.adaptive_max_pool2d(x, 1)}
-SPATIAL_POOLS = {"avg": lambda x: _mean(x, (1,)), "max": _max_over_channels}
+SPATIAL_POOLS = {"avg": lambda x: _mean(x, (1,)), "max": _MaxOverChannels.apply}
 
 
 def check_pools(option: str, pools) -> tuple[str, ...]:
