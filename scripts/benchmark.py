@@ -268,6 +268,10 @@ def variant_section(cfg: DictConfig, bench: Bench, names: list[str], modes: list
         for name in names:
             own = samples[name, compiled]
             m = {k: median(v) for k, v in own.items()}
+            log.info(
+                "%s %s: train vs none per repeat %s", MODES[compiled], name,
+                " ".join(f"{v / b:.3f}" for v, b in zip(own["train"], base["train"], strict=True)),
+            )  # fmt: skip
             rows.append(
                 {
                     "attention": name,
