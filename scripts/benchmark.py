@@ -130,10 +130,15 @@ def median(values: list[float | None]) -> float | None:
     return None if None in values else statistics.median(values)
 
 
+def repeat_ratios(values: list[float], bases: list[float]) -> list[float]:
+    """value / base for each repeat, both measured in that repeat."""
+    return [v / b for v, b in zip(values, bases, strict=True)]
+
+
 def paired_ratio(values: list[float], bases: list[float]) -> float:
-    """The median over repeats of value / base measured in the same repeat: a slow drift of the machine
-    (this project's shared CPU moves 10-20% over minutes) hits both sides of each pair alike and cancels."""
-    return statistics.median(v / b for v, b in zip(values, bases, strict=True))
+    """The median of the per-repeat ratios: a slow drift of the machine (this project's shared CPU moves
+    10-20% over minutes) hits both sides of each pair alike and cancels."""
+    return statistics.median(repeat_ratios(values, bases))
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -270,7 +275,7 @@ def variant_section(cfg: DictConfig, bench: Bench, names: list[str], modes: list
             m = {k: median(v) for k, v in own.items()}
             log.info(
                 "%s %s: train vs none per repeat %s", MODES[compiled], name,
-                " ".join(f"{v / b:.3f}" for v, b in zip(own["train"], base["train"], strict=True)),
+                " ".join(f"{r:.3f}" for r in repeat_ratios(own["train"], base["train"])),
             )  # fmt: skip
             rows.append(
                 {

@@ -142,7 +142,8 @@ def reference(variant, x, sd, training):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_matches_reference(variant, training):
     """Forward and every gradient (input and parameters) against autograd through the reference: the
-    pools' backward rests on choices made for speed (argmax-keeping max pools, means as sum x 1/n)."""
+    pools' backward rests on choices made for speed (the channel max keeping its argmax, the spatial max's
+    own backward, means as sum x 1/n)."""
     torch.manual_seed(0)
     module = make(variant, 32).train(training)
     sd = randomize(module)
