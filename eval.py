@@ -7,7 +7,7 @@ checkpoint. Exit status: 0 done, 2 bad input (e.g. a path that is not a checkpoi
 import hydra
 from omegaconf import DictConfig
 
-from cbam.cli import entry_point
+from cbam.cli import entry_point, run_hydra
 from cbam.engine.eval_checkpoint import evaluate_checkpoint
 
 
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -9,16 +9,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cbam.cli import entry_point, torchrun_argv
-from cbam.engine.run import train
+from cbam.cli import entry_point, run_hydra, torchrun_argv, train_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @entry_point
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["best_val_top1"]  # returned for sweepers that optimise it
+    return train_job(cfg)["best_val_top1"]  # returned for sweepers that optimise it
 
 
 if __name__ == "__main__":
     sys.argv = torchrun_argv(sys.argv)  # ranks > 0 of a torchrun job write no run dir of their own
-    main()
+    run_hydra(main)

@@ -1,15 +1,23 @@
-"""What the entry points share: bad input is one line on stderr and a documented exit status."""
+"""What the entry points share: Hydra's runtime state read in one place, and bad input as one line on
+stderr with a documented exit status."""
 
 import atexit
 import functools
 import logging
+import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
 from cbam.engine.distributed import launched_rank
-from cbam.engine.run import PREEMPTED_EXIT_CODE, Preempted
-from cbam.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, Diverged
+from cbam.engine.run import RunContext, train
+from cbam.errors import EXIT_BAD_INPUT, CbamError
 
 log = logging.getLogger("cbam")
 
@@ -21,17 +29,64 @@ def entry_point(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
-            log.error("error: %s", e)
-            sys.exit(EXIT_BAD_INPUT)
-        except Diverged as e:
-            log.error("error: %s", e)
-            sys.exit(EXIT_DIVERGED)
-        except Preempted as e:
-            log.warning("%s", e)
-            sys.exit(PREEMPTED_EXIT_CODE)
+        except CbamError as e:
+            e.report(log)
+            sys.exit(e.exit_code)
 
     return wrapper
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra's multi-line composition message as one line: "Could not find 'attention/nope'", then the
+    options it lists, comma-separated."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    head, *rest = lines
+    head = head.rstrip(".")
+    listing = next((i for i, line in enumerate(rest) if line.startswith("Available options")), None)
+    if listing is None:
+        return "; ".join([head, *rest])
+    options = []
+    for line in rest[listing + 1 :]:
+        if ":" in line:  # the next block ("Config search path:")
+            break
+        options.append(line)
+    return f"{head}: use one of {', '.join(options)}"
+
+
+def run_hydra(main) -> None:
+    """Call a `@hydra.main` function so that a config that does not compose (an unknown preset or key, an
+    override that does not parse) is one line and exit 2, like every other bad input: Hydra itself prints
+    several lines and exits 1. HYDRA_FULL_ERROR makes Hydra raise instead of printing; a crash still
+    ends in a traceback (then a complete one)."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def hydra_run_context() -> RunContext:
+    """The RunContext of the current Hydra job: its output dir, chosen presets and overrides, and in a
+    multirun the sweep dir's name as the default W&B group."""
+    hydra = HydraConfig.get()
+    group = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
+    return RunContext(
+        run_dir=Path(hydra.runtime.output_dir),
+        choices=dict(hydra.runtime.choices),
+        overrides=list(hydra.overrides.task),
+        group=group,
+    )
+
+
+def train_job(cfg: DictConfig) -> dict:
+    """train.py's job: the run Hydra composed, with the end-of-run figures when trainer.visualize is on."""
+    end_of_run = []
+    if cfg.trainer.visualize:
+        from cbam.viz import end_of_run_figures  # matplotlib only when asked for
+
+        end_of_run.append(end_of_run_figures)
+    return train(cfg, hydra_run_context(), end_of_run=end_of_run)
 
 
 # Hydra keys that would give a rank its own run dir or train.log.

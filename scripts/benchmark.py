@@ -36,19 +36,19 @@ import torch.nn.functional as F
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cbam.cli import entry_point
+from cbam.cli import entry_point, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
-from cbam.engine.loop import EpochMeter, StepParts, train_one_epoch
+from cbam.engine.device import PRECISIONS, autocast_kwargs, resolve_device
+from cbam.engine.loop import StepParts, train_one_epoch
 from cbam.engine.optim import build_optimizer
-from cbam.engine.run import PRECISIONS, resolve_device
-from cbam.errors import ConfigError
+from cbam.engine.state import EpochMeter, TrainState
+from cbam.errors import ConfigError, instantiate_config
 from cbam.models import build_model
-from cbam.tables import markdown_table, write_csv
+from cbam.report.render import markdown_table, write_csv
 
 log = logging.getLogger("benchmark")
 
@@ -89,21 +89,6 @@ class Bench:
 
     def batch_bytes(self) -> int:
         return tensor_bytes([self.x, self.y])
-
-
-@dataclass
-class Trainee:
-    """A model with what a train step updates; eager and compiled rows share it (torch.compile wraps it)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-
-    def state_bytes(self) -> int:
-        """Weights, buffers and optimizer state: resident between steps."""
-        opt_state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return tensor_bytes([*self.model.parameters(), *self.model.buffers(), *opt_state])
 
 
 class RepeatedBatch:
@@ -169,7 +154,7 @@ def timed(
     return bench.steps * bench.batch / seconds, peak
 
 
-def bare_steps(model: nn.Module, trainee: Trainee, bench: Bench, n: int) -> None:
+def bare_steps(model: nn.Module, trainee: TrainState, bench: Bench, n: int) -> None:
     """The minimal PyTorch training loop: forward, loss, backward, optimizer and LR scheduler step."""
     for _ in range(n):
         with torch.autocast(**bench.autocast):
@@ -181,17 +166,19 @@ def bare_steps(model: nn.Module, trainee: Trainee, bench: Bench, n: int) -> None
         trainee.scheduler.step()
 
 
-def train_bytes(trainee: Trainee, bench: Bench) -> int:
-    """What a train step needs that stays allocated between measurements."""
-    return trainee.state_bytes() + bench.batch_bytes()
+def train_bytes(trainee: TrainState, bench: Bench) -> int:
+    """What a train step needs that stays allocated between measurements: weights, buffers, optimizer
+    state, the batch."""
+    opt_state = [t for s in trainee.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return tensor_bytes([*trainee.model.parameters(), *trainee.model.buffers(), *opt_state]) + bench.batch_bytes()
 
 
-def infer_bytes(trainee: Trainee, bench: Bench) -> int:
+def infer_bytes(trainee: TrainState, bench: Bench) -> int:
     """What inference needs that stays allocated: weights, buffers, the batch (no optimizer state)."""
     return tensor_bytes([*trainee.model.parameters(), *trainee.model.buffers()]) + bench.batch_bytes()
 
 
-def train_steps(model: nn.Module, trainee: Trainee, bench: Bench, n: int) -> None:
+def train_steps(model: nn.Module, trainee: TrainState, bench: Bench, n: int) -> None:
     model.train()
     bare_steps(model, trainee, bench, n)
     trainee.optimizer.zero_grad(set_to_none=True)  # no grads resident between measurements
@@ -205,16 +192,18 @@ def infer_steps(model: nn.Module, bench: Bench, n: int) -> None:
             model(bench.x)
 
 
-def build_trainee(cfg: DictConfig, bench: Bench, total_steps: int) -> Trainee:
+def build_trainee(cfg: DictConfig, bench: Bench, total_steps: int) -> TrainState:
     model = build_model(cfg).to(bench.device)
     if bench.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     # One "epoch" spanning every step this optimizer takes here, so that any schedule lasts the whole
     # benchmark (onecycle refuses to step past its end).
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer, steps_per_epoch=total_steps, epochs=1)
+    scheduler = instantiate_config(cfg.optim.scheduler, "optim.scheduler")(
+        optimizer, steps_per_epoch=total_steps, epochs=1
+    )
     scaler = torch.amp.GradScaler(bench.device.type, enabled=bench.fp16)
-    return Trainee(model, optimizer, scheduler, scaler)
+    return TrainState(model, optimizer, scheduler, scaler, ema=None, config={})
 
 
 def maybe_compile(model: nn.Module, compiled: bool) -> nn.Module:
@@ -298,17 +287,15 @@ def step_section(cfg: DictConfig, bench: Bench, modes: list[bool]) -> list[dict]
     # grad_clip, log_every_n_steps and max_nonfinite_steps as train.py uses them by default
     trainer = compose("trainer/default").trainer
     trainee = build_trainee(cfg, bench, total_steps=cfg.repeats * len(modes) * 2 * (cfg.warmup + cfg.steps))
-    global_step = 0
 
     def ours(parts: StepParts, n: int) -> None:
-        nonlocal global_step  # carried over, so the loss is logged (a host sync) every log_every steps as in training
-        _, global_step, _ = train_one_epoch(
+        # The global step carries over, so the loss is logged (a host sync) every log_every steps as in training.
+        trainee.meter = EpochMeter()
+        train_one_epoch(
             parts,
+            trainee,
             RepeatedBatch(bench.x, bench.y, n),
-            epoch=0,
             device=bench.device,
-            meter=EpochMeter(),
-            global_step=global_step,
             on_step_log=lambda metrics, step: None,
             should_stop=lambda: False,
             warmup_steps=0,  # its own img/s window is not used: the whole call is timed from outside
@@ -323,16 +310,11 @@ def step_section(cfg: DictConfig, bench: Bench, modes: list[bool]) -> list[dict]
         model = maybe_compile(trainee.model, compiled)
         parts = StepParts(
             model=model,
-            raw_model=trainee.model,
-            optimizer=trainee.optimizer,
-            scheduler=trainee.scheduler,
-            scaler=trainee.scaler,
             criterion=nn.CrossEntropyLoss(),
             autocast=bench.autocast,
             channels_last=bench.channels_last,
             grad_clip=trainer.grad_clip,
             mixup=None,
-            ema=None,
             log_every=trainer.log_every_n_steps,
             max_nonfinite=trainer.max_nonfinite_steps,
         )
@@ -486,7 +468,7 @@ def formatted(rows: list[dict]) -> list[dict]:
 def variant_names(cfg: DictConfig) -> list[str]:
     if cfg.variants is None:  # every preset, as model_stats.py
         return sorted(GlobalHydra.instance().config_loader().get_group_options("attention"))
-    return [cfg.variants] if isinstance(cfg.variants, str) else list(cfg.variants)
+    return cfg.variants.split(",") if isinstance(cfg.variants, str) else list(cfg.variants)
 
 
 def validate(cfg: DictConfig, names: list[str]) -> list[bool]:
@@ -525,7 +507,7 @@ def main(cfg: DictConfig) -> None:
     x = torch.randn(cfg.batch_size, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size, device=device)
     bench = Bench(
         device=device,
-        autocast={"device_type": device.type, "dtype": PRECISIONS[cfg.precision], "enabled": cfg.precision != "fp32"},
+        autocast=autocast_kwargs(device, cfg.precision),
         fp16=cfg.precision == "fp16",
         channels_last=cfg.channels_last,
         x=x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x,
@@ -590,4 +572,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

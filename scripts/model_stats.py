@@ -13,8 +13,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from cbam.cli import entry_point, run_hydra
 from cbam.models import build_model, count_flops, count_params
-from cbam.tables import markdown_table, write_csv
+from cbam.report.render import markdown_table, write_csv
 
 COLUMNS = ["attention", "params", "params vs none", "GFLOPs", "GFLOPs vs none"]
 
@@ -27,6 +28,7 @@ def variant_names(cfg: DictConfig) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="model_stats")
+@entry_point
 def main(cfg: DictConfig) -> None:
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("attention=", "variants="))]
     base = compose("model_stats", overrides=[*overrides, "attention=none"])
@@ -57,4 +59,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

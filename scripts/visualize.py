@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cbam.cli import entry_point
+from cbam.cli import entry_point, run_hydra
 from cbam.viz import visualize_checkpoints
 
 
@@ -35,4 +35,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = merge_repeated(sys.argv[1:])
-    main()
+    run_hydra(main)

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import cbam  # noqa: F401  the config resolvers (conf/model/ derives the stem from the image size)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

@@ -61,7 +61,7 @@ def test_cifar_resnets_follow_he_et_al(depth, blocks):
 def test_data_config_sets_channels_classes_and_small_image_stem():
     model = build_model(compose_config("model_stats", "model=resnet18", "attention=cbam", "data=fashion_mnist"))
     assert model.conv1.in_channels == 1 and model.fc.out_features == 10
-    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)  # data_model pairing
+    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)  # stem from image size
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert imagenet_model("resnet18", "none").conv1.kernel_size == (7, 7)
 

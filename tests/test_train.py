@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from wandb_records import read_run
 
 from cbam.engine.optim import build_optimizer
+from cbam.engine.run import RunContext, train
 from cbam.models import build_model
 
 # Tiny and fast: synthetic data, CIFAR ResNet-20, CPU, one epoch.
@@ -200,6 +201,11 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
         ("eval.py", ["checkpoint=/no/such/best.pt"], "/no/such/best.pt does not exist"),
         ("eval.py", ["checkpoint=NOT_A_CHECKPOINT"], "is not a readable checkpoint"),
         ("eval.py", [], "pass the checkpoint to evaluate"),
+        # what a library constructor rejects, named by the config key it came from
+        ("train.py", ["optim.optimizer.lr=-1"], "optim.optimizer: SGD rejected the config (Invalid learning rate: -1"),
+        ("train.py", ["+attention.bogus=1"], "attention: ChannelSpatialAttention rejected the config"),
+        ("train.py", ["data.source.train_size=-5"], "data.source: cbam.data.sources.synthetic rejected the config"),
+        ("train.py", ["model.widths=[16,32,-64]"], "model: cbam.models.ResNet rejected the config"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_touches_no_run(finished_run, tmp_path, script, args, message):
@@ -222,8 +228,25 @@ def test_a_new_run_never_writes_into_another_runs_dir(finished_run, tmp_path):
     result = run("train.py", *FAST, f"hydra.run.dir={finished_run}", cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "already holds a run: pass resume=auto" in result.stderr + result.stdout
-    after = tree_digest(finished_run)
-    assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+    assert tree_digest(finished_run) == before  # train.log included: the refusal is not appended to it
+
+
+def test_train_runs_in_process_from_a_composed_config(tmp_path):
+    """The engine needs no Hydra job: a config composed in Python and a RunContext are all it takes."""
+    cfg = compose_config("train", *FAST, "attention=cbam", "attention.spatial_kernel=3")
+    context = RunContext(
+        run_dir=tmp_path / "run",
+        choices={"attention": "cbam", "model": "resnet20", "data": "synthetic"},
+        overrides=["attention.spatial_kernel=3"],
+    )
+    summary = train(cfg, context)
+    assert summary["variant"] == "cbam+spatial_kernel=3" and summary["overrides"] == ["attention.spatial_kernel=3"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    [row] = rows(tmp_path / "run")
+    assert summary["final"]["val/top1"] == row["val/top1"]
+    assert "epoch 1/1" in (tmp_path / "run" / "train.log").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, context)
 
 
 def test_eval_refuses_a_checkpoint_of_another_variant(finished_run, tmp_path):

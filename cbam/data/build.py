@@ -13,7 +13,7 @@ HOLDOUT_SEED = 0  # the held-out split belongs to the dataset: the same for ever
 
 
 def load_source(data_cfg: DictConfig) -> TensorData | FolderData:
-    return instantiate_config(data_cfg.source)
+    return instantiate_config(data_cfg.source, "data.source")
 
 
 def build_loaders(
@@ -21,6 +21,11 @@ def build_loaders(
 ) -> tuple[Loader, Loader]:
     """(train, val) loaders for the composed `cfg.data` node."""
     return make_loaders(load_source(data_cfg), data_cfg, device=device, seed=seed, rank=rank, world_size=world_size)
+
+
+def build_val_loader(data_cfg: DictConfig, *, device: torch.device, seed: int) -> Loader:
+    """The val loader alone (eval.py, scripts/visualize.py): the train split is not put on the device."""
+    return make_loaders(load_source(data_cfg), data_cfg, device=device, seed=seed, with_train=False)[1]
 
 
 def dataset_classes(data_cfg: DictConfig) -> list[str]:
@@ -36,8 +41,9 @@ def make_loaders(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[Loader, Loader]:
-    """build_loaders for a source already read."""
+    with_train: bool = True,
+) -> tuple[Loader | None, Loader]:
+    """build_loaders for a source already read; with_train=False builds no train loader (None)."""
     if data_cfg.loader not in ("memory", "torch"):
         raise DataError(f"data.loader={data_cfg.loader} must be memory or torch")
     if len(data.classes) != data_cfg.num_classes:
@@ -53,9 +59,10 @@ def make_loaders(
             raise DataError(
                 f"data.holdout needs a dataset held as tensors, which {data_cfg.name} is not: use data.holdout=0"
             )
+        workers = data_cfg.num_workers
         return (
-            TorchLoader(data.train, data.classes, num_workers=data_cfg.num_workers, **train_opts),
-            TorchLoader(data.val, data.classes, num_workers=data_cfg.num_workers, **val_opts),
+            TorchLoader(data.train, data.classes, num_workers=workers, **train_opts) if with_train else None,
+            TorchLoader(data.val, data.classes, num_workers=workers, **val_opts),
         )
 
     shape = (data_cfg.in_chans, data_cfg.image_size, data_cfg.image_size)
@@ -69,7 +76,7 @@ def make_loaders(
     if data_cfg.loader == "memory":
         train_opts.update(pad=data_cfg.pad, flip=data_cfg.flip, mean=mean, std=std)
         return (
-            MemoryLoader(data.train_x, data.train_y, data.classes, **train_opts),
+            MemoryLoader(data.train_x, data.train_y, data.classes, **train_opts) if with_train else None,
             MemoryLoader(data.val_x, data.val_y, data.classes, pad=0, flip=False, mean=mean, std=std, **val_opts),
         )
     # The memory loader's augmentation, one image at a time.
@@ -78,9 +85,10 @@ def make_loaders(
     to_input = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     train = TensorImages(data.train_x, data.train_y, v2.Compose([*augment, *to_input]))
     val = TensorImages(data.val_x, data.val_y, v2.Compose(to_input))
+    workers = data_cfg.num_workers
     return (
-        TorchLoader(train, data.classes, num_workers=data_cfg.num_workers, **train_opts),
-        TorchLoader(val, data.classes, num_workers=data_cfg.num_workers, **val_opts),
+        TorchLoader(train, data.classes, num_workers=workers, **train_opts) if with_train else None,
+        TorchLoader(val, data.classes, num_workers=workers, **val_opts),
     )
 
 

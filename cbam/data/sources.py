@@ -84,7 +84,11 @@ def _idx_files(folder: Path) -> list[Path] | None:
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    """IDX, the MNIST file format: magic 0x00 0x00 0x08 (uint8) <ndim>, ndim big-endian int32 sizes, the data."""
+    """IDX, the MNIST file format: magic 0x00 0x00 0x08 (uint8) <ndim>, ndim big-endian int32 sizes, the data.
+
+    Not torchvision's read_sn3_pascalvincent_tensor: it opens only uncompressed files (Debian ships .gz)
+    and asserts on a truncated one, where this says which file to fetch again.
+    """
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
@@ -130,6 +134,8 @@ def _cifar(
     """torchvision's layout, `<root>/<folder>/{train files, test file, meta file}`, downloaded with it if missing.
 
     tv_class: torchvision's dataset class, for its download URL only; labels, names: the pickles' keys.
+    Not torchvision's CIFAR10/CIFAR100 readers: they refuse every file whose md5 differs from the official
+    archive's (a subset, a re-pickled copy, the tests' small files in the same format).
     """
     root = _existing_dir(root) if root is not None else Path("data")
     base = root / folder

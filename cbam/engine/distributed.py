@@ -6,14 +6,11 @@ LOCAL_RANK (its device on this node), WORLD_SIZE, MASTER_ADDR/MASTER_PORT (the r
 """
 
 import atexit
-import logging
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def launched_world_size() -> int:
@@ -57,7 +54,10 @@ def join_process_group(device: torch.device) -> None:
     else:
         dist.init_process_group("gloo")
     atexit.register(leave_process_group)
-    log.info("rank %d of %d on %s (%s)", rank(), world_size(), device, dist.get_backend())
+
+
+def backend() -> str:
+    return dist.get_backend() if is_distributed() else "none"
 
 
 def leave_process_group() -> None:

@@ -4,7 +4,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,40 +14,23 @@ from tqdm import tqdm
 from cbam.errors import Diverged
 
 from .distributed import all_reduce_sum, any_rank
+from .state import EpochMeter, TrainState
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StepParts:
-    """Everything a training step needs, built once per run."""
+    """How a training step runs, built once per run; what it updates is the run's TrainState."""
 
     model: nn.Module  # the module that runs the step: possibly compiled, possibly DDP-wrapped
-    raw_model: nn.Module  # the plain module underneath, whose weights the EMA copies
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
     criterion: nn.Module
     autocast: dict  # kwargs of torch.autocast
     channels_last: bool
     grad_clip: float | None
     mixup: Callable | None  # timm.data.Mixup: (x, y) -> (x, soft targets)
-    ema: nn.Module | None  # timm.utils.ModelEmaV3
     log_every: int
     max_nonfinite: int  # steps with a non-finite loss to skip before the run stops
-
-
-@dataclass
-class EpochMeter:
-    """Running sums of one epoch, kept on the device so steps need no host sync; part of the
-    checkpoint so a run resumed mid-epoch reports the same epoch metrics."""
-
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    count: int = 0
-    steps: int = 0
-    nonfinite: int = 0
-    timing: dict = field(default_factory=lambda: {"wait": 0.0, "elapsed": 0.0, "timed_images": 0, "timed": 0.0})
 
 
 def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -68,22 +51,20 @@ def _progress(total: int, initial: int, desc: str):
 
 def train_one_epoch(
     parts: StepParts,
+    state: TrainState,
     loader,
     *,
-    epoch: int,
     device: torch.device,
-    meter: EpochMeter,
-    global_step: int,
     on_step_log: Callable[[dict, int], None],
     should_stop: Callable[[], bool],
     warmup_steps: int = 5,
-) -> tuple[EpochMeter, int, bool]:
-    """Train from step `meter.steps` of `epoch` to its end, or until `should_stop()`.
+) -> bool:
+    """Train from step `state.meter.steps` of epoch `state.epoch` to its end, or until `should_stop()`.
 
-    Returns the meter, the global step, and whether the epoch finished. Throughput counts only the
-    steps after the first `warmup_steps` of this call (allocator, cudnn and compile warm-up).
+    Updates `state` (weights, meter, global step) and returns whether the epoch finished. Throughput
+    counts only the steps after the first `warmup_steps` of this call (allocator, cudnn and compile warm-up).
     """
-    model = parts.model
+    model, meter, epoch = parts.model, state.meter, state.epoch
     model.train()
     loss_sum = torch.tensor(meter.loss_sum, device=device, dtype=torch.float64)
     correct = torch.tensor(meter.correct, device=device, dtype=torch.float64)
@@ -117,29 +98,29 @@ def train_one_epoch(
             if meter.nonfinite > parts.max_nonfinite:
                 raise Diverged(
                     f"non-finite loss ({loss.item()}) at epoch {epoch}, step {meter.steps + 1} of {len(loader)} "
-                    f"(global step {global_step + 1}); lower optim.optimizer.lr, set trainer.grad_clip, "
+                    f"(global step {state.global_step + 1}); lower optim.optimizer.lr, set trainer.grad_clip, "
                     f"or allow skips with trainer.max_nonfinite_steps (now {parts.max_nonfinite})"
                 )
             log.warning(
                 "non-finite loss at epoch %d step %d: step skipped (%d so far)", epoch, meter.steps + 1, meter.nonfinite
             )
-            parts.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
         else:
-            parts.optimizer.zero_grad(set_to_none=True)
-            parts.scaler.scale(loss).backward()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
             if parts.grad_clip:
-                parts.scaler.unscale_(parts.optimizer)
+                state.scaler.unscale_(state.optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            if parts.ema is not None:
-                parts.ema.update(parts.raw_model, step=global_step)
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            if state.ema is not None:
+                state.ema.update(state.model, step=state.global_step)
             loss_sum += loss.detach().double() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()  # against the unmixed labels
             meter.count += y.shape[0]
-        parts.scheduler.step()
+        state.scheduler.step()
         meter.steps += 1
-        global_step += 1
+        state.global_step += 1
         local_step += 1
         bar.update()
         if local_step == warmup_steps:
@@ -147,13 +128,13 @@ def train_one_epoch(
             timed_start = time.perf_counter()
         elif local_step > warmup_steps:
             timed_images += y.shape[0]
-        if global_step % parts.log_every == 0:
-            lr = parts.optimizer.param_groups[0]["lr"]
+        if state.global_step % parts.log_every == 0:
+            lr = state.optimizer.param_groups[0]["lr"]
             step_loss = loss.item()
             bar.set_postfix(
                 loss=f"{step_loss:.3f}", acc=f"{(correct / max(meter.count, 1)).item():.3f}", lr=f"{lr:.3g}"
             )
-            on_step_log({"train/step_loss": step_loss, "lr": lr}, global_step)
+            on_step_log({"train/step_loss": step_loss, "lr": lr}, state.global_step)
         if stop:
             finished = meter.steps >= len(loader)
             break
@@ -165,7 +146,7 @@ def train_one_epoch(
         timing["timed"] += now - timed_start
         timing["timed_images"] += timed_images
     meter.loss_sum, meter.correct, meter.timing = loss_sum.item(), correct.item(), timing
-    return meter, global_step, finished
+    return finished
 
 
 def epoch_train_metrics(meter: EpochMeter) -> dict:

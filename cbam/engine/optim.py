@@ -6,14 +6,13 @@ loader length, which are only known at run time: the YAML names the shape, the c
 
 import math
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from cbam.errors import ConfigError
+from cbam.errors import ConfigError, instantiate_config
 
 
 def build_optimizer(optim_cfg: DictConfig, model: nn.Module) -> Optimizer:
@@ -23,7 +22,7 @@ def build_optimizer(optim_cfg: DictConfig, model: nn.Module) -> Optimizer:
         params = param_groups_weight_decay(model, weight_decay)
     else:
         params = model.parameters()
-    return instantiate(optim_cfg.optimizer)(params)
+    return instantiate_config(optim_cfg.optimizer, "optim.optimizer")(params)
 
 
 def _warmup_factor(step: int, warmup_steps: int) -> float:

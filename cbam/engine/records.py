@@ -1,21 +1,41 @@
-"""A run's own records in its output dir: the source of truth for reports, W&B only mirrors them.
+"""A run dir: the one place its layout is written down. Our records are the source of truth for reports;
+W&B only mirrors them.
 
-config.yaml     the resolved config
+config.yaml     the resolved config (written first: a dir with any of the files below holds a run)
 metrics.jsonl   one JSON row per epoch
-summary.json    final and best metrics, cost, provenance
-last.pt, best.pt
+summary.json    final and best metrics, cost, provenance (written last: the run finished)
+last.pt         the newest checkpoint; best.pt the one of the best val epoch
+train.log       the run's log
+viz/            end-of-run figures (trainer.visualize, scripts/visualize.py)
 """
 
 import json
+import logging
 import math
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cbam.data import Loader, build_val_loader
+from cbam.errors import ConfigError
+from cbam.models import build_model
+
+from .checkpoint import load_checkpoint, load_model_state
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
+WHAT_A_RUN_HOLDS = (
+    "a run dir holds summary.json, metrics.jsonl and config.yaml (train.py writes them); "
+    "a multirun dir holds such run dirs"
+)
 
 
 def _json_safe(value):
@@ -37,19 +57,67 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 class RunRecords:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
         self.config = self.dir / "config.yaml"
         self.metrics = self.dir / "metrics.jsonl"
         self.summary = self.dir / "summary.json"
         self.last = self.dir / "last.pt"
         self.best = self.dir / "best.pt"
+        self.log = self.dir / "train.log"
+        self.viz = self.dir / "viz"
 
     def holds_a_run(self) -> bool:
-        return self.metrics.exists() or self.last.exists() or self.summary.exists()
+        """A run was started here (reports list it, finished or not)."""
+        return self.config.exists() or self.has_trained()
 
-    def write_config(self, cfg: DictConfig) -> None:
+    def has_trained(self) -> bool:
+        """A run here got through an epoch or a checkpoint: what a new run must not overwrite."""
+        return any(p.exists() for p in (self.metrics, self.last, self.summary))
+
+    def checkpoint_to_resume(self, resume: str | None) -> Path | None:
+        """What `resume` (null | auto | a checkpoint path) starts from; a new run is refused in a dir that
+        already holds one, before anything is written there."""
+        if resume is None:
+            if self.has_trained():
+                raise ConfigError(
+                    f"{self.dir} already holds a run: pass resume=auto to continue it, or choose another hydra.run.dir"
+                )
+            return None
+        if resume == "auto":
+            if self.last.exists():
+                return self.last
+            log.info("resume=auto: no last.pt in %s, starting from scratch", self.dir)
+            return None
+        return Path(resume)
+
+    @contextmanager
+    def logging_to_file(self, enabled: bool = True):
+        """Every log line of the run, while it lasts, also in train.log (appended to on resume). Opened only
+        once the run may write here, so a refused command leaves another run's log as it was."""
+        if not enabled:
+            yield
+            return
+        root, ours = logging.getLogger(), logging.getLogger("cbam")
+        handler = logging.FileHandler(self.log)
+        if root.handlers and root.handlers[0].formatter is not None:
+            handler.setFormatter(root.handlers[0].formatter)  # the console's format (conf/hydra/job_logging)
+        level = ours.level
+        if ours.getEffectiveLevel() > logging.INFO:  # called from Python without logging set up: keep our INFO lines
+            ours.setLevel(logging.INFO)
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+            ours.setLevel(level)
+
+    def write_config(self, cfg: DictConfig | dict) -> None:
         self.config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    def read_config(self) -> dict:
+        return OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
@@ -70,6 +138,9 @@ class RunRecords:
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary, summary)
 
+    def read_summary(self) -> dict:
+        return json.loads(self.summary.read_text())
+
 
 def git_commit() -> str | None:
     """The commit the code ran at, with "-dirty" when the tree had uncommitted changes."""
@@ -83,3 +154,62 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.strip() + ("-dirty" if dirty.strip() else "")
+
+
+# ---------------------------------------------------------------------------------------------- restoring
+
+
+@dataclass
+class RestoredRun:
+    """A checkpoint brought back as its run had it: config, the weights it evaluated, its val data."""
+
+    path: Path  # the checkpoint
+    state: dict  # the checkpoint as loaded
+    config: DictConfig  # the run's resolved config
+    model: nn.Module  # on the device, holding the weights the run evaluated (the EMA's when it had one)
+    val_loader: Loader
+
+
+def run_config(path: Path, state: dict) -> DictConfig:
+    """The config of the run that wrote checkpoint `path`: its run dir's config.yaml; a checkpoint copied
+    elsewhere carries the same resolved config."""
+    config = RunRecords(path.parent).config
+    return OmegaConf.load(config) if config.exists() else OmegaConf.create(state["config"])
+
+
+def evaluated_weights(state: dict) -> dict:
+    """The state_dict the run validated and chose best.pt by: the EMA's when the run kept one
+    (trainer.ema_decay; timm's ModelEmaV3 keeps the copy under `module.`), else the trained weights."""
+    if state.get("ema") is None:
+        return state["model"]
+    return {k.removeprefix("module."): v for k, v in state["ema"].items()}
+
+
+def restore_run(
+    checkpoint: str | Path,
+    *,
+    device: torch.device,
+    data_root: str | None = None,
+    eval_batch_size: int | None = None,
+    state: dict | None = None,
+) -> RestoredRun:
+    """Model and val loader of the run that wrote `checkpoint` (for eval.py and scripts/visualize.py).
+
+    data_root, eval_batch_size: override the run's data.source.root (the data moved) and data.eval_batch_size.
+    state: the checkpoint already loaded, to not read it twice.
+    """
+    path = Path(checkpoint)
+    state = load_checkpoint(path) if state is None else state
+    cfg = run_config(path, state)
+    if data_root is not None:
+        if "root" not in cfg.data.source:
+            raise ConfigError(f"data_root: {path} was trained on {cfg.data.name}, which reads no files; leave it out")
+        cfg.data.source.root = data_root
+    if eval_batch_size is not None:
+        cfg.data.eval_batch_size = eval_batch_size
+    model = build_model(cfg).to(device)
+    load_model_state(model, evaluated_weights(state), str(path))
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # the layout it was evaluated in
+    val_loader = build_val_loader(cfg.data, device=device, seed=cfg.seed)
+    return RestoredRun(path, state, cfg, model, val_loader)

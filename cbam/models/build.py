@@ -7,4 +7,4 @@ from cbam.errors import instantiate_config
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
-    return instantiate_config(cfg.model, attn_layer=instantiate_config(cfg.attention))
+    return instantiate_config(cfg.model, "model", attn_layer=instantiate_config(cfg.attention, "attention"))

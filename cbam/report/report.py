@@ -5,11 +5,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbam.tables import markdown_table, write_csv
-
 from .fairness import IGNORED, Difference, config_differences
-from .html import html_table, render_html
-from .runs import Run, check_one_dataset, find_run_dirs, load_runs
+from .render import html_table, markdown_table, render_html, write_csv
+from .runs import Run, common_dataset, find_run_dirs, load_runs
 from .table import COLUMNS, CSV_COLUMNS, Variant, csv_row, markdown_row, summarize
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,7 @@ class Comparison:
 
 def build(paths: Sequence[str | Path], baseline: str = "none") -> Comparison:
     runs = load_runs(paths)
-    data = check_one_dataset(runs)
+    data = common_dataset(runs)
     variants = summarize(runs, baseline)
     return Comparison(runs, variants, baseline, data, config_differences(runs))
 

@@ -1,21 +1,11 @@
 """Finding and reading finished runs: our own records (summary.json, metrics.jsonl, config.yaml), never W&B."""
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from cbam.engine.records import RunRecords
+from cbam.engine.records import WHAT_A_RUN_HOLDS, RunRecords
 from cbam.errors import ConfigError
-
-# Any of these marks a dir as a run's dir (train.py writes config.yaml first, summary.json last).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "summary.json")
-WHAT_A_RUN_HOLDS = (
-    "a run dir holds summary.json, metrics.jsonl and config.yaml (train.py writes them); "
-    "a multirun dir holds such run dirs"
-)
 
 
 @dataclass
@@ -37,10 +27,6 @@ class Run:
         return self.summary["final"]["val/top1"]
 
 
-def _holds_a_run(path: Path) -> bool:
-    return any((path / name).exists() for name in RUN_FILES)
-
-
 def find_run_dirs(paths: Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
     """(run dir, the multirun dir it was found in or None), for run dirs and multirun dirs (their subdirs)."""
     if not paths:
@@ -49,10 +35,10 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[tuple[Path, Path | None]]
     for path in map(Path, paths):
         if not path.is_dir():
             raise ConfigError(f"{path} does not exist or is not a dir: pass a multirun dir or run dirs")
-        if _holds_a_run(path):
+        if RunRecords(path).holds_a_run():
             found.setdefault(path.resolve(), None)
             continue
-        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and _holds_a_run(p))
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and RunRecords(p).holds_a_run())
         if not subdirs:
             raise ConfigError(f"no run records found in {path}: {WHAT_A_RUN_HOLDS}")
         for sub in subdirs:
@@ -83,16 +69,14 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
             if not path.exists():
                 raise ConfigError(f"{run_dir} has summary.json but no {path.name}: {WHAT_A_RUN_HOLDS}")
         try:
-            summary = json.loads(records.summary.read_text())
-            config = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
-            history = records.read_metrics()
+            summary, config, history = records.read_summary(), records.read_config(), records.read_metrics()
         except (ValueError, OSError) as e:  # JSON and YAML errors are ValueErrors
             raise ConfigError(f"cannot read the records of {run_dir}: {str(e).splitlines()[0]}") from e
         runs.append(Run(name, run_dir, summary, config, history, sweep))
     return runs
 
 
-def check_one_dataset(runs: list[Run]) -> str:
+def common_dataset(runs: list[Run]) -> str:
     """The dataset all runs were trained on; a ConfigError when they were not all on one."""
     by_data: dict[str, list[str]] = {}
     for run in runs:

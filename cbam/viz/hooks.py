@@ -44,10 +44,6 @@ def _gate(block: nn.Module, kind: type) -> nn.Module | None:
     return next((m for m in block.attn.modules() if isinstance(m, kind)), None)
 
 
-def has_gate(block: nn.Module, kind: type) -> bool:
-    return _gate(block, kind) is not None
-
-
 class AttentionMaps:
     """Gate outputs per block name, gathered over every forward pass run while capturing."""
 

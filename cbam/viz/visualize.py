@@ -1,6 +1,5 @@
 """The figures for saved checkpoints (`scripts/visualize.py`) and for a model at the end of its training run."""
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -9,11 +8,12 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from cbam.data import Loader, build_loaders
-from cbam.engine.checkpoint import load_checkpoint, load_model_state
-from cbam.engine.run import resolve_device
+from cbam.data import Loader
+from cbam.engine.checkpoint import load_checkpoint
+from cbam.engine.device import resolve_device
+from cbam.engine.records import RunRecords, restore_run, run_config
+from cbam.engine.run import FinishedRun
 from cbam.errors import ConfigError
-from cbam.models import build_model
 
 from .figures import attention_grid, channel_weights_plot
 from .gradcam import TARGETS
@@ -75,10 +75,21 @@ def log_end_of_run(
     _check_options(num_images, channel_images, target)
     images, labels, many = _val_images(val_loader, choose_images(val_loader, num_images), channel_images)
     panel = model_panel(model, images, labels, many, title=title, blocks=blocks, target=target)
-    paths = write_figures([panel], images, labels, list(val_loader.classes), Path(run_dir) / "viz", target=target)
+    paths = write_figures([panel], images, labels, list(val_loader.classes), RunRecords(run_dir).viz, target=target)
     if tracker is not None:
         tracker.log_images(paths, step=step)
     return paths
+
+
+def end_of_run_figures(run: FinishedRun) -> None:
+    """trainer.visualize: the figures of the final model, into <run>/viz and W&B. Figures are extras, like
+    W&B: a failure warns and the finished run stays finished."""
+    try:
+        log_end_of_run(run.model, run.val_loader, run.records.dir, title=run.title, tracker=run.tracker, step=run.step)
+    except Exception as e:
+        log.warning(
+            "end-of-run figures failed (%s); make them with scripts/visualize.py checkpoint=%s", e, run.records.best
+        )
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -95,19 +106,13 @@ def checkpoint_paths(checkpoint) -> list[Path]:
     return [Path(str(p)) for p in items]
 
 
-def _run_config(path: Path, state: dict) -> DictConfig:
-    # The run dir's config.yaml; a checkpoint copied elsewhere carries the same resolved config.
-    config = path.parent / "config.yaml"
-    return OmegaConf.load(config) if config.exists() else OmegaConf.create(state["config"])
-
-
 def _title(path: Path) -> str:
     """The run's variant from its summary.json (e.g. `cbam+arrangement=parallel`); else (a run not
     finished, a checkpoint moved) the run dir's name, or its parent's when the name is only a time."""
-    summary = path.parent / "summary.json"
-    if summary.exists():
+    records = RunRecords(path.parent)
+    if records.summary.exists():
         try:
-            return json.loads(summary.read_text())["variant"]
+            return records.read_summary()["variant"]
         except (ValueError, KeyError):
             pass
     run_dir = path.parent
@@ -124,7 +129,7 @@ def _unique(titles: list[str], paths: list[Path], seeds: list[int]) -> list[str]
     return titles
 
 
-def _check_one_dataset(paths: list[Path], configs: list[DictConfig]) -> None:
+def _check_same_val_data(paths: list[Path], configs: list[DictConfig]) -> None:
     def val_data(cfg: DictConfig) -> dict:
         data = OmegaConf.to_container(cfg.data, resolve=True)
         data["source"] = {k: v for k, v in data["source"].items() if k != "root"}
@@ -146,37 +151,29 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Path]:
     paths = checkpoint_paths(cfg.checkpoint)
     _check_options(cfg.num_images, cfg.channel_images, cfg.target)
     states = [load_checkpoint(p) for p in paths]  # every path checked before any work
-    configs = [_run_config(p, s) for p, s in zip(paths, states, strict=True)]
-    _check_one_dataset(paths, configs)
+    configs = [run_config(p, s) for p, s in zip(paths, states, strict=True)]
+    _check_same_val_data(paths, configs)
     titles = _unique([_title(p) for p in paths], paths, [c.seed for c in configs])
     device = resolve_device(cfg.device)
     blocks = list(cfg.blocks) if cfg.blocks is not None else None
 
     panels, positions = [], None
-    for path, state, run_cfg, title in zip(paths, states, configs, titles, strict=True):
-        if cfg.data_root is not None:
-            if "root" not in run_cfg.data.source:
-                raise ConfigError(
-                    f"data_root: {path} was trained on {run_cfg.data.name}, which reads no files; leave it out"
-                )
-            run_cfg.data.source.root = cfg.data_root
-        model = build_model(run_cfg).to(device)
-        load_model_state(model, state["model"], str(path))
+    for path, state, title in zip(paths, states, titles, strict=True):
         # Each model sees the images normalised as in its own run; the positions are the same for all.
-        _, val_loader = build_loaders(run_cfg.data, device=device, seed=run_cfg.seed)
+        run = restore_run(path, device=device, data_root=cfg.data_root, state=state)
         if positions is None:
-            positions = choose_images(val_loader, cfg.num_images)
-            class_names = list(val_loader.classes)
-        images, labels, many = _val_images(val_loader, positions, cfg.channel_images)
+            positions = choose_images(run.val_loader, cfg.num_images)
+            class_names = list(run.val_loader.classes)
+        images, labels, many = _val_images(run.val_loader, positions, cfg.channel_images)
         try:
-            panels.append(model_panel(model, images, labels, many, title=title, blocks=blocks, target=cfg.target))
+            panels.append(model_panel(run.model, images, labels, many, title=title, blocks=blocks, target=cfg.target))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         if len(panels) == 1:
             shown = (images, labels)
         log.info("%s: %s done", title, path)
 
-    out = Path(cfg.output) if cfg.output is not None else paths[0].parent / "viz"
+    out = Path(cfg.output) if cfg.output is not None else RunRecords(paths[0].parent).viz
     written = write_figures(panels, *shown, class_names, out, target=cfg.target)
     for p in written.values():
         print(p)

@@ -1,8 +1,27 @@
-"""comparison.html: one self-contained file (plots embedded as base64 PNG) to send or archive."""
+"""Tables as Markdown and CSV (the comparison and the scripts' tables), and comparison.html: one
+self-contained file (plots embedded as base64 PNG) to send or archive."""
 
 import base64
+import csv
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
