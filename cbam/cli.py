@@ -76,6 +76,7 @@ def hydra_run_context() -> RunContext:
         choices=dict(hydra.runtime.choices),
         overrides=list(hydra.overrides.task),
         group=group,
+        job=hydra.job.num if hydra.mode == RunMode.MULTIRUN else None,
     )
 
 

@@ -14,6 +14,8 @@ from cbam.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
+# Logged once per epoch, so plotted against the epoch; per-step metrics (train/step_loss, lr) keep the step.
+EPOCH_METRICS = ("train/loss", "train/top1", "train/img_per_s", "train/data_wait_share", "train/epoch_time_s", "val/*")
 
 
 class NullTracker:
@@ -76,6 +78,7 @@ class WandbTracker:
         tags: list[str],
         config: dict,
         run_id: str | None = None,
+        job_type: str = "train",
     ):
         import wandb  # imported here so that logger=none never pays for it
 
@@ -88,6 +91,7 @@ class WandbTracker:
             group=group,
             tags=tags,
             config=config,
+            job_type=job_type,
             dir=str(run_dir),
             id=run_id,
             resume="allow" if run_id else None,
@@ -110,6 +114,15 @@ class WandbTracker:
         if self.run is not None and mode == "offline":
             log.info("W&B is logging offline: upload later with `wandb sync %s`", Path(self.run.dir).parent)
         self.run_id = self.run.id if self.run is not None else None
+        self._guard(self._define_metrics)
+
+    def _define_metrics(self) -> None:
+        """Epoch metrics against the epoch, and the summaries a dashboard sorts runs by: the last epoch's
+        val top-1 (what the comparison reports) and its maximum."""
+        self.run.define_metric("epoch")
+        for name in EPOCH_METRICS:
+            self.run.define_metric(name, step_metric="epoch")
+        self.run.define_metric("val/top1", step_metric="epoch", summary="last,max")
 
     def _guard(self, action, *args) -> None:
         if self.run is None:

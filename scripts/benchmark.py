@@ -1,24 +1,29 @@
 """Speed on the current device, measured in one run and printed as Markdown tables:
 
-1. per attention variant: train and inference img/s, their ratio to `none`, peak memory; eager and compiled;
-2. our training step (`cbam.engine.loop.train_one_epoch`) against a bare PyTorch loop, same model and batch;
+1. per attention variant and mode: train and inference img/s, their ratio to `none` in that mode;
+2. our training step (`cbam.engine.loop.train_one_epoch`) against a bare PyTorch loop, in each mode;
 3. the in-memory loader against torchvision's DataLoader, each as a multiple of the model's train img/s;
 
-then the README's targets, each with the measured value and whether it is met here.
+then the README's targets, each with the measured value, the spread of its per-repeat values and whether
+it is met here.
 
-    python scripts/benchmark.py                                  # CIFAR ResNet-20, 1x28x28, eager + compiled
-    python scripts/benchmark.py variants=[none,cbam] compile=[false] steps=10 repeats=1   # a quick look
-    python scripts/benchmark.py csv=bench/                       # also variants.csv, step.csv, loader.csv
-    # GPU: ResNet-50 at 224 px with AMP and channels_last (the GPU target), ResNet-18 at 32 px
-    python scripts/benchmark.py model=resnet50 data=imagenet precision=bf16 channels_last=true
-    python scripts/benchmark.py model=resnet18 data=cifar10 precision=bf16 channels_last=true
+    python scripts/benchmark.py                                   # CIFAR ResNet-20, 1x28x28: fp32, auto, auto+compile
+    python scripts/benchmark.py variants=[none,cbam] modes=[fp32,auto] repeats=3   # a quick look
+    python scripts/benchmark.py csv=bench/                        # also variants.csv, step.csv, loader.csv
+    # GPU: ResNet-50 at 224 px and CIFAR ResNet-18 at 32 px, bf16 + channels_last, eager and compiled
+    python scripts/benchmark.py model=resnet50 data=imagenet modes=[bf16+cl,bf16+cl+compile]
+    python scripts/benchmark.py model=resnet18 data=cifar10 modes=[bf16+cl,bf16+cl+compile]
 
-Sections 1 and 2 feed random tensors of the data config's shape (in_chans, image_size, num_classes) that
-live on the device, so data=imagenet needs no ImageNet. Section 3 reads the dataset's train split and is
-skipped with a note when the dataset is not there (CIFAR is downloaded to ./data, as train.py would).
-Rows are measured in turn, `repeats` times: rates are the medians, and each ratio is the median of the
-ratios measured within one repeat. Markdown goes to stdout, progress to stderr. Exit status: 0 done,
-2 bad input.
+A mode is `<precision>[+cl][+compile]`: fp32 | bf16 | fp16, `cl` for channels_last, `compile` for
+torch.compile; `auto` is what train.py's trainer.precision/channels_last=auto choose on this device (the
+fast path), `auto+compile` the same compiled. Sections 1 and 2 feed random tensors of the data config's
+shape (in_chans, image_size, num_classes) that live on the device, so data=imagenet needs no ImageNet.
+Section 3 reads the dataset's train split and is skipped with a note when the dataset is not there.
+
+Rows are measured in turn, `repeats` times: rates are the medians, each ratio the median of the ratios
+measured within one repeat, printed with the range of those per-repeat ratios. Rates come from wall time
+and from the process's CPU time (per thread): on a shared machine other processes lower the first, not the
+second. Markdown goes to stdout, progress to stderr. Exit status: 0 done, 2 bad input.
 """
 
 import logging
@@ -42,7 +47,7 @@ from torch import nn
 from cbam.cli import entry_point, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
-from cbam.engine.device import PRECISIONS, autocast_kwargs, resolve_device
+from cbam.engine.device import PRECISIONS, autocast_kwargs, choose_fast_path, resolve_device
 from cbam.engine.loop import StepParts, train_one_epoch
 from cbam.engine.optim import build_optimizer
 from cbam.engine.state import EpochMeter, TrainState
@@ -52,12 +57,12 @@ from cbam.report.render import markdown_table, write_csv
 
 log = logging.getLogger("benchmark")
 
-# The targets (README): our step vs the bare loop; the in-memory loader vs the model on a CPU; CBAM's
-# train throughput vs none's for ResNet-20 on a CPU and ResNet-50 (224 px, AMP, channels_last) on a GPU.
-STEP_TARGET, LOADER_TARGET, CBAM_TARGET = 0.97, 20.0, 0.85
-MODES = {False: "eager", True: "compiled"}
-VARIANT_COLUMNS = ["attention", "mode", "train img/s", "train vs none", "infer img/s", "infer vs none"]
-VARIANT_COLUMNS += ["train peak MiB", "infer peak MiB"]
+# The targets (README): CBAM's train throughput vs none's, eager fp32 and in the fastest mode; the fastest
+# mode's CBAM vs eager fp32's; our step vs the bare loop; the in-memory loader vs the model on a CPU.
+CBAM_EAGER_TARGET, CBAM_FASTEST_TARGET, FASTEST_GAIN_TARGET = 0.85, 0.90, 2.0
+STEP_TARGET, LOADER_TARGET = 0.98, 20.0
+VARIANT_COLUMNS = ["attention", "mode", "train img/s", "train img/s (CPU time)", "train vs none", "infer img/s"]
+VARIANT_COLUMNS += ["infer vs none", "train peak MiB"]
 STEP_COLUMNS = ["mode", "our step img/s", "bare loop img/s", "ours / bare"]
 LOADER_COLUMNS = ["loader", "workers", "batches", "img/s", "x model train img/s"]
 CPU_MEMORY_NOTE = (
@@ -66,18 +71,51 @@ CPU_MEMORY_NOTE = (
 )
 
 
+@dataclass(frozen=True)
+class Mode:
+    name: str  # as given: "fp32", "auto+compile", "bf16+cl"
+    precision: str
+    channels_last: bool
+    compile: bool
+
+    @property
+    def layout(self) -> tuple[str, bool]:
+        """What a model is built for: modes that differ only in compile share their models."""
+        return self.precision, self.channels_last
+
+    def describe(self) -> str:
+        layout = "NHWC" if self.channels_last else "NCHW"
+        return f"{self.precision}, {layout}, {'compiled' if self.compile else 'eager'}"
+
+
+def parse_mode(text: str, device: torch.device) -> Mode:
+    precision, *flags = str(text).split("+")
+    unknown = [f for f in flags if f not in ("cl", "compile")]
+    if unknown or (precision not in PRECISIONS and precision != "auto"):
+        raise ConfigError(
+            f"modes: {text!r} is not a mode: use <fp32|bf16|fp16|auto>[+cl][+compile], e.g. modes=[fp32,auto+compile]"
+        )
+    if precision == "auto":  # train.py's fast path for this device
+        auto = OmegaConf.create({"precision": "auto", "channels_last": "auto", "compile": False})
+        fast = choose_fast_path(auto, device)
+        return Mode(str(text), fast.precision, fast.channels_last or "cl" in flags, "compile" in flags)
+    return Mode(str(text), precision, "cl" in flags, "compile" in flags)
+
+
 @dataclass
 class Bench:
-    """What every measurement shares: the device, the numerics and one fixed batch on the device."""
+    """What every measurement in one mode shares: the device, the numerics and one fixed batch on the device."""
 
+    mode: Mode
     device: torch.device
-    autocast: dict  # kwargs of torch.autocast
-    fp16: bool  # fp16 needs a GradScaler
-    channels_last: bool
-    x: torch.Tensor  # (B, C, H, W) standard normal, like normalised images
+    x: torch.Tensor  # (B, C, H, W) standard normal, like normalised images, in the mode's layout
     y: torch.Tensor  # (B,) random labels
     steps: int
     warmup: int
+
+    @property
+    def autocast(self) -> dict:
+        return autocast_kwargs(self.device, self.mode.precision)
 
     @property
     def batch(self) -> int:
@@ -89,6 +127,15 @@ class Bench:
 
     def batch_bytes(self) -> int:
         return tensor_bytes([self.x, self.y])
+
+
+@dataclass
+class Sample:
+    """One timed measurement."""
+
+    wall: float  # img/s by the clock
+    cpu: float  # img/s by the process's CPU time, per thread
+    peak_mib: float | None
 
 
 class RepeatedBatch:
@@ -112,7 +159,7 @@ def tensor_bytes(tensors) -> int:
 
 
 def median(values: list[float | None]) -> float | None:
-    return None if None in values else statistics.median(values)
+    return None if not values or None in values else statistics.median(values)
 
 
 def repeat_ratios(values: list[float], bases: list[float]) -> list[float]:
@@ -120,20 +167,36 @@ def repeat_ratios(values: list[float], bases: list[float]) -> list[float]:
     return [v / b for v, b in zip(values, bases, strict=True)]
 
 
-def paired_ratio(values: list[float], bases: list[float]) -> float:
-    """The median of the per-repeat ratios: a slow drift of the machine (this project's shared CPU moves
-    10-20% over minutes) hits both sides of each pair alike and cancels."""
-    return statistics.median(repeat_ratios(values, bases))
+@dataclass(frozen=True)
+class Ratio:
+    """The median of per-repeat ratios, and their range: a slow drift of the machine (this project's shared
+    CPU moves 10-20% over minutes) hits both sides of each pair alike and cancels; the range shows what is left."""
+
+    median: float
+    low: float
+    high: float
+    per_repeat: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: list[float], bases: list[float]) -> "Ratio":
+        r = repeat_ratios(values, bases)
+        return cls(statistics.median(r), min(r), max(r), tuple(r))
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} [{self.low:.3f}–{self.high:.3f}]"
+
+    def verdict(self, target: float) -> str:
+        met = sum(r >= target for r in self.per_repeat)
+        mark = "✓" if self.median >= target else "✗"
+        return f"{self} {mark} ({met} of {len(self.per_repeat)} repeats at or above {target})"
 
 
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def timed(
-    bench: Bench, run: Callable[[int], None], resident: Callable[[], int] = lambda: 0
-) -> tuple[float, float | None]:
-    """(img/s, peak MiB) of `run(bench.steps)`, after `run(bench.warmup)` outside the timed region
-    (compilation, cudnn's algorithm search, the allocator's first blocks).
+def timed(bench: Bench, run: Callable[[int], None], resident: Callable[[], int] = lambda: 0) -> Sample:
+    """img/s of `run(bench.steps)`, after `run(bench.warmup)` outside the timed region (compilation,
+    cudnn's algorithm search, the allocator's first blocks).
 
     Peak memory, CUDA only (None elsewhere): the allocator's peak during the timed steps above what was
     allocated when they began, plus `resident()`, the bytes of what the steps use that were allocated
@@ -146,12 +209,14 @@ def timed(
     if cuda:
         torch.cuda.reset_peak_memory_stats(bench.device)
         start_bytes = torch.cuda.memory_allocated(bench.device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     run(bench.steps)
     bench.sync()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     peak = (torch.cuda.max_memory_allocated(bench.device) - start_bytes + resident()) / 2**20 if cuda else None
-    return bench.steps * bench.batch / seconds, peak
+    images = bench.steps * bench.batch
+    threads = torch.get_num_threads() if bench.device.type == "cpu" else 1
+    return Sample(images / seconds, images / (cpu_seconds / threads), peak)
 
 
 def bare_steps(model: nn.Module, trainee: TrainState, bench: Bench, n: int) -> None:
@@ -173,11 +238,6 @@ def train_bytes(trainee: TrainState, bench: Bench) -> int:
     return tensor_bytes([*trainee.model.parameters(), *trainee.model.buffers(), *opt_state]) + bench.batch_bytes()
 
 
-def infer_bytes(trainee: TrainState, bench: Bench) -> int:
-    """What inference needs that stays allocated: weights, buffers, the batch (no optimizer state)."""
-    return tensor_bytes([*trainee.model.parameters(), *trainee.model.buffers()]) + bench.batch_bytes()
-
-
 def train_steps(model: nn.Module, trainee: TrainState, bench: Bench, n: int) -> None:
     model.train()
     bare_steps(model, trainee, bench, n)
@@ -194,7 +254,7 @@ def infer_steps(model: nn.Module, bench: Bench, n: int) -> None:
 
 def build_trainee(cfg: DictConfig, bench: Bench, total_steps: int) -> TrainState:
     model = build_model(cfg).to(bench.device)
-    if bench.channels_last:
+    if bench.mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     # One "epoch" spanning every step this optimizer takes here, so that any schedule lasts the whole
@@ -202,7 +262,7 @@ def build_trainee(cfg: DictConfig, bench: Bench, total_steps: int) -> TrainState
     scheduler = instantiate_config(cfg.optim.scheduler, "optim.scheduler")(
         optimizer, steps_per_epoch=total_steps, epochs=1
     )
-    scaler = torch.amp.GradScaler(bench.device.type, enabled=bench.fp16)
+    scaler = torch.amp.GradScaler(bench.device.type, enabled=bench.mode.precision == "fp16")
     return TrainState(model, optimizer, scheduler, scaler, ema=None, config={})
 
 
@@ -227,114 +287,109 @@ def allow_recompiles(models: int) -> None:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def variant_section(cfg: DictConfig, bench: Bench, names: list[str], modes: list[bool]) -> list[dict]:
-    """Train and inference img/s and peak memory of each variant, eager and compiled, in turn `repeats` times."""
+def make_bench(cfg: DictConfig, mode: Mode, device: torch.device) -> Bench:
+    g = torch.Generator().manual_seed(0)  # the same batch in every mode
+    x = torch.randn(cfg.batch_size, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size, generator=g)
+    y = torch.randint(cfg.data.num_classes, (cfg.batch_size,), generator=g)
+    x = x.to(device).contiguous(memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
+    return Bench(mode, device, x, y.to(device), cfg.steps, cfg.warmup)
+
+
+def variant_section(cfg: DictConfig, benches: list[Bench], names: list[str]) -> tuple[list[dict], dict]:
+    """Train and inference img/s of each variant in each mode, in turn `repeats` times. Returns the rows and
+    the per-repeat train rates {(name, mode name): [img/s, ...]} the targets are computed from."""
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("attention=", "variants="))]
-    total_steps = cfg.repeats * len(modes) * (cfg.warmup + cfg.steps)
+    total_steps = cfg.repeats * len(benches) * (cfg.warmup + cfg.steps)
     trainees, runners = {}, {}
     for name in names:
-        trainee = build_trainee(compose("benchmark", overrides=[*overrides, f"attention={name}"]), bench, total_steps)
-        trainees[name] = trainee
-        for compiled in modes:
-            runners[name, compiled] = maybe_compile(trainee.model, compiled)
-    samples = {key: {"train": [], "infer": [], "train_mib": [], "infer_mib": []} for key in runners}
+        variant_cfg = compose("benchmark", overrides=[*overrides, f"attention={name}"])
+        for bench in benches:
+            key = (name, bench.mode.layout)
+            if key not in trainees:  # modes that differ only in compile share a model
+                trainees[key] = build_trainee(variant_cfg, bench, total_steps)
+            runners[name, bench.mode.name] = maybe_compile(trainees[key].model, bench.mode.compile)
+    samples = {key: {"train": [], "infer": []} for key in runners}
     for r in range(cfg.repeats):
-        for compiled in modes:
+        for bench in benches:
             for name in names:
-                trainee, model, s = trainees[name], runners[name, compiled], samples[name, compiled]
-                if compiled and r == 0:
+                trainee, model = trainees[name, bench.mode.layout], runners[name, bench.mode.name]
+                s = samples[name, bench.mode.name]
+                if bench.mode.compile and r == 0:
                     log.info("compiling %s for train and eval (in the warm-up; a minute or so on a CPU)", name)
-                rate, mib = timed(
-                    bench, partial(train_steps, model, trainee, bench), partial(train_bytes, trainee, bench)
+                s["train"].append(
+                    timed(bench, partial(train_steps, model, trainee, bench), partial(train_bytes, trainee, bench))
                 )
-                s["train"].append(rate)
-                s["train_mib"].append(mib)
-                rate, mib = timed(bench, partial(infer_steps, model, bench), partial(infer_bytes, trainee, bench))
-                s["infer"].append(rate)
-                s["infer_mib"].append(mib)
+                s["infer"].append(timed(bench, partial(infer_steps, model, bench)))
                 log.info(
-                    "[%d/%d] %s %s: train %.0f img/s, infer %.0f img/s",
-                    r + 1, cfg.repeats, MODES[compiled], name, s["train"][-1], s["infer"][-1],
+                    "[%d/%d] %s %s: train %.0f img/s, infer %.0f img/s", r + 1, cfg.repeats, bench.mode.name, name,
+                    s["train"][-1].wall, s["infer"][-1].wall,
                 )  # fmt: skip
-    rows = []
-    for compiled in modes:
-        base = samples["none", compiled]
+    rows, train_rates = [], {}
+    for bench in benches:
+        base = samples["none", bench.mode.name]
         for name in names:
-            own = samples[name, compiled]
-            m = {k: median(v) for k, v in own.items()}
-            log.info(
-                "%s %s: train vs none per repeat %s", MODES[compiled], name,
-                " ".join(f"{r:.3f}" for r in repeat_ratios(own["train"], base["train"])),
-            )  # fmt: skip
+            own = samples[name, bench.mode.name]
+            train = [x.wall for x in own["train"]]
+            train_rates[name, bench.mode.name] = train
             rows.append(
                 {
                     "attention": name,
-                    "mode": MODES[compiled],
-                    "train img/s": m["train"],
-                    "train vs none": paired_ratio(own["train"], base["train"]),
-                    "infer img/s": m["infer"],
-                    "infer vs none": paired_ratio(own["infer"], base["infer"]),
-                    "train peak MiB": m["train_mib"],
-                    "infer peak MiB": m["infer_mib"],
+                    "mode": bench.mode.name,
+                    "train img/s": median(train),
+                    "train img/s (CPU time)": median([x.cpu for x in own["train"]]),
+                    "train vs none": Ratio.of(train, [x.wall for x in base["train"]]),
+                    "infer img/s": median([x.wall for x in own["infer"]]),
+                    "infer vs none": Ratio.of([x.wall for x in own["infer"]], [x.wall for x in base["infer"]]),
+                    "train peak MiB": median([x.peak_mib for x in own["train"]]),
                 }
             )
-    return rows
+    return rows, train_rates
 
 
-def step_section(cfg: DictConfig, bench: Bench, modes: list[bool]) -> list[dict]:
-    """Our step (train_one_epoch with real StepParts) against the bare loop: one model, optimizer and
-    batch, alternating (ours first in even repeats, bare first in odd ones) `repeats` times."""
+def step_section(cfg: DictConfig, benches: list[Bench]) -> list[dict]:
+    """Our step (train_one_epoch with real StepParts) against the bare loop, in each mode: one model,
+    optimizer and batch, alternating (ours first in even repeats, bare first in odd ones) `repeats` times."""
     # grad_clip, log_every_n_steps and max_nonfinite_steps as train.py uses them by default
     trainer = compose("trainer/default").trainer
-    trainee = build_trainee(cfg, bench, total_steps=cfg.repeats * len(modes) * 2 * (cfg.warmup + cfg.steps))
-
-    def ours(parts: StepParts, n: int) -> None:
-        # The global step carries over, so the loss is logged (a host sync) every log_every steps as in training.
-        trainee.meter = EpochMeter()
-        train_one_epoch(
-            parts,
-            trainee,
-            RepeatedBatch(bench.x, bench.y, n),
-            device=bench.device,
-            on_step_log=lambda metrics, step: None,
-            should_stop=lambda: False,
-            warmup_steps=0,  # its own img/s window is not used: the whole call is timed from outside
-        )
-
-    def bare(model: nn.Module, n: int) -> None:
-        model.train()
-        bare_steps(model, trainee, bench, n)
-
     rows = []
-    for compiled in modes:
-        model = maybe_compile(trainee.model, compiled)
+    for bench in benches:
+        trainee = build_trainee(cfg, bench, total_steps=cfg.repeats * 2 * (cfg.warmup + cfg.steps))
+        model = maybe_compile(trainee.model, bench.mode.compile)
         parts = StepParts(
-            model=model,
-            criterion=nn.CrossEntropyLoss(),
-            autocast=bench.autocast,
-            channels_last=bench.channels_last,
-            grad_clip=trainer.grad_clip,
-            mixup=None,
-            log_every=trainer.log_every_n_steps,
-            max_nonfinite=trainer.max_nonfinite_steps,
-        )
-        if compiled:
+            model=model, criterion=nn.CrossEntropyLoss(), autocast=bench.autocast,
+            channels_last=bench.mode.channels_last, grad_clip=trainer.grad_clip, mixup=None,
+            log_every=trainer.log_every_n_steps, max_nonfinite=trainer.max_nonfinite_steps,
+        )  # fmt: skip
+
+        def ours(n: int, parts=parts, trainee=trainee, bench=bench) -> None:
+            # The global step carries over, so the loss is logged every log_every steps as in training.
+            trainee.meter = EpochMeter()
+            train_one_epoch(
+                parts, trainee, RepeatedBatch(bench.x, bench.y, n), device=bench.device,
+                on_step_log=lambda metrics, step: None, should_stop=lambda: False,
+                warmup_steps=0,  # its own img/s window is not used: the whole call is timed from outside
+            )  # fmt: skip
+
+        def bare(n: int, model=model, trainee=trainee, bench=bench) -> None:
+            model.train()
+            bare_steps(model, trainee, bench, n)
+
+        if bench.mode.compile:
             log.info("compiling the step section's model (in the warm-up)")
         rates = {"ours": [], "bare": []}
-        runs = {"ours": partial(ours, parts), "bare": partial(bare, model)}
         for r in range(cfg.repeats):
             for which in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
-                rates[which].append(timed(bench, runs[which])[0])
+                rates[which].append(timed(bench, ours if which == "ours" else bare).wall)
             log.info(
                 "[%d/%d] %s step: ours %.0f img/s, bare %.0f img/s",
-                r + 1, cfg.repeats, MODES[compiled], rates["ours"][-1], rates["bare"][-1],
+                r + 1, cfg.repeats, bench.mode.name, rates["ours"][-1], rates["bare"][-1],
             )  # fmt: skip
         rows.append(
             {
-                "mode": MODES[compiled],
+                "mode": bench.mode.name,
                 "our step img/s": median(rates["ours"]),
                 "bare loop img/s": median(rates["bare"]),
-                "ours / bare": paired_ratio(rates["ours"], rates["bare"]),
+                "ours / bare": Ratio.of(rates["ours"], rates["bare"]),
             }
         )
     return rows
@@ -387,19 +442,37 @@ def loader_section(cfg: DictConfig, bench: Bench, model_rate: float) -> tuple[li
     return rows, notes
 
 
-def targets(
-    cfg: DictConfig, device: torch.device, variants: list[dict], steps: list[dict], loaders: list[dict]
-) -> list[str]:
-    """Each target with the measured value and ✓/✗, or "n/a here" where it is about another device or model."""
+def targets(benches: list[Bench], train_rates: dict, steps: list[dict], loaders: list[dict]) -> list[str]:
+    """Each target with the measured value, its per-repeat range and ✓/✗, or "n/a here"."""
+    lines = []
+    device = benches[0].device
     model = HydraConfig.get().runtime.choices["model"]
-
-    def check(value: float, target: float, digits: int = 3, unit: str = "") -> str:
-        return f"{value:.{digits}f}{unit} {'✓' if value >= target else '✗'}"
-
-    lines = [
-        f"our step / bare loop ≥ {STEP_TARGET} ({row['mode']}): {check(row['ours / bare'], STEP_TARGET)}"
-        for row in steps
-    ]
+    eager_fp32 = next((b.mode.name for b in benches if b.mode.layout == ("fp32", False) and not b.mode.compile), None)
+    have_cbam = ("cbam", benches[0].mode.name) in train_rates
+    if have_cbam:
+        fastest = max(benches, key=lambda b: median(train_rates["cbam", b.mode.name])).mode.name
+        if eager_fp32 is None:
+            lines.append(f"CBAM / none train ≥ {CBAM_EAGER_TARGET} (eager fp32): n/a here (no fp32 eager mode)")
+        else:
+            ratio = Ratio.of(train_rates["cbam", eager_fp32], train_rates["none", eager_fp32])
+            lines.append(
+                f"CBAM / none train ≥ {CBAM_EAGER_TARGET} ({model}, eager fp32): {ratio.verdict(CBAM_EAGER_TARGET)}"
+            )
+        ratio = Ratio.of(train_rates["cbam", fastest], train_rates["none", fastest])
+        lines.append(
+            f"CBAM / none train ≥ {CBAM_FASTEST_TARGET} ({model}, fastest mode for cbam: {fastest}): "
+            f"{ratio.verdict(CBAM_FASTEST_TARGET)}"
+        )
+        if eager_fp32 is not None and fastest != eager_fp32:
+            gain = Ratio.of(train_rates["cbam", fastest], train_rates["cbam", eager_fp32])
+            lines.append(
+                f"fastest mode's CBAM train img/s ≥ {FASTEST_GAIN_TARGET}x eager fp32's ({fastest} / {eager_fp32}): "
+                f"{gain.verdict(FASTEST_GAIN_TARGET)}"
+            )
+    else:
+        lines.append("CBAM targets: n/a here (cbam is not among the variants)")
+    for row in steps:
+        lines.append(f"our step / bare loop ≥ {STEP_TARGET} ({row['mode']}): {row['ours / bare'].verdict(STEP_TARGET)}")
     what = f"in-memory loader ≥ {LOADER_TARGET:g}x the model's train img/s (CPU)"
     memory = next((row["x model train img/s"] for row in loaders if row["loader"].startswith("memory")), None)
     if memory is None:
@@ -407,25 +480,7 @@ def targets(
     elif device.type != "cpu":
         lines.append(f"{what}: n/a here (not a CPU; measured {memory:.1f}x)")
     else:
-        lines.append(f"{what}: {check(memory, LOADER_TARGET, 1, 'x')}")
-
-    what = f"CBAM / none train throughput ≥ {CBAM_TARGET}"
-    cbam = {row["mode"]: row["train vs none"] for row in variants if row["attention"] == "cbam"}
-    amp = cfg.precision != "fp32" and cfg.channels_last and cfg.data.image_size == 224
-    for scope, applies, needs in [
-        ("ResNet-20, CPU", device.type == "cpu" and model == "resnet20", "model=resnet20 on a CPU"),
-        (
-            "ResNet-50, GPU, AMP, channels_last",
-            device.type == "cuda" and model == "resnet50" and amp,
-            "model=resnet50 at 224 px on a GPU with precision=bf16 or fp16 and channels_last=true",
-        ),
-    ]:
-        if not applies:
-            lines.append(f"{what} ({scope}): n/a here (needs {needs})")
-        elif not cbam:
-            lines.append(f"{what} ({scope}): n/a here (cbam is not among the variants)")
-        else:
-            lines += [f"{what} ({scope}, {mode}): {check(v, CBAM_TARGET)}" for mode, v in cbam.items()]
+        lines.append(f"{what}: {memory:.1f}x {'✓' if memory >= LOADER_TARGET else '✗'}")
     return lines
 
 
@@ -449,20 +504,24 @@ def device_name(device: torch.device) -> str:
 
 
 def formatted(rows: list[dict]) -> list[dict]:
-    """Rates as whole img/s, ratios to 3 decimals, MiB whole; None (not measured) as n/a."""
+    """Rates as whole img/s, ratios with their per-repeat range, MiB whole; None (not measured) as n/a."""
 
     def fmt(column: str, value) -> str:
         if value is None:
             return "n/a¹" if "MiB" in column else "n/a"
+        if isinstance(value, Ratio):
+            return str(value)
         if not isinstance(value, float):
             return str(value)
         if "x model" in column:
             return f"{value:.1f}x"
-        if " vs " in column or " / " in column:
-            return f"{value:.3f}"
         return f"{value:,.0f}"
 
     return [{c: fmt(c, v) for c, v in row.items()} for row in rows]
+
+
+def csv_rows(rows: list[dict]) -> list[dict]:
+    return [{c: (v.median if isinstance(v, Ratio) else v) for c, v in row.items()} for row in rows]
 
 
 def variant_names(cfg: DictConfig) -> list[str]:
@@ -471,8 +530,8 @@ def variant_names(cfg: DictConfig) -> list[str]:
     return cfg.variants.split(",") if isinstance(cfg.variants, str) else list(cfg.variants)
 
 
-def validate(cfg: DictConfig, names: list[str]) -> list[bool]:
-    """The compile modes to run; ConfigError on bad input."""
+def validate(cfg: DictConfig, names: list[str], device: torch.device) -> list[Mode]:
+    """The modes to run; ConfigError on bad input."""
     for key in ("batch_size", "steps", "repeats"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
@@ -480,68 +539,56 @@ def validate(cfg: DictConfig, names: list[str]) -> list[bool]:
         raise ConfigError(f"warmup={cfg.warmup} must be an integer >= 0")
     if cfg.loader_batches is not None and (not isinstance(cfg.loader_batches, int) or cfg.loader_batches < 1):
         raise ConfigError(f"loader_batches={cfg.loader_batches} must be a positive integer or null (one epoch)")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r} is unknown: use one of {', '.join(PRECISIONS)}")
-    modes = [cfg.compile] if isinstance(cfg.compile, bool) else list(cfg.compile)
-    if not modes or not all(isinstance(m, bool) for m in modes):
-        raise ConfigError(f"compile={cfg.compile} must list false (eager) and/or true (compiled): e.g. compile=[false]")
-    if True in modes and cfg.warmup < 1:
-        raise ConfigError("compile=[...true] needs warmup >= 1, so that compilation happens outside the timed steps")
+    texts = [cfg.modes] if isinstance(cfg.modes, str) else list(cfg.modes)
+    if not texts:
+        raise ConfigError("modes=[] measures nothing: e.g. modes=[fp32,auto]")
+    modes = list({m.name: m for m in (parse_mode(t, device) for t in texts)}.values())
+    if any(m.compile for m in modes) and cfg.warmup < 1:
+        raise ConfigError("a +compile mode needs warmup >= 1, so that compilation happens outside the timed steps")
     known = GlobalHydra.instance().config_loader().get_group_options("attention")
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"variants: {', '.join(unknown)} not in conf/attention/ (there: {', '.join(sorted(known))})")
-    return list(dict.fromkeys(modes))
+    return modes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 @entry_point
 def main(cfg: DictConfig) -> None:
     names = list(dict.fromkeys(["none", *variant_names(cfg)]))  # the baseline first: every ratio needs it
-    modes = validate(cfg, names)
     try:
         device = resolve_device(cfg.device)
     except ConfigError:
         raise ConfigError(f"device={cfg.device} is unknown or not available here: use auto, cpu or cuda") from None
-    torch.manual_seed(0)
-    x = torch.randn(cfg.batch_size, cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size, device=device)
-    bench = Bench(
-        device=device,
-        autocast=autocast_kwargs(device, cfg.precision),
-        fp16=cfg.precision == "fp16",
-        channels_last=cfg.channels_last,
-        x=x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x,
-        y=torch.randint(cfg.data.num_classes, (cfg.batch_size,), device=device),
-        steps=cfg.steps,
-        warmup=cfg.warmup,
-    )
-    if True in modes:
-        allow_recompiles(len(names) + 1)  # the variants' models and the step section's
-    choices = HydraConfig.get().runtime.choices
-    model_name, attention = choices["model"], choices["attention"]
+    modes = validate(cfg, names, device)
+    benches = [make_bench(cfg, mode, device) for mode in modes]
+    if any(m.compile for m in modes):
+        allow_recompiles(len(names) * len(modes) + len(modes))  # the variants' models and the step section's
+    model_name, attention = HydraConfig.get().runtime.choices["model"], HydraConfig.get().runtime.choices["attention"]
 
-    log.info("section 1/3: %d variants x %s, %d repeats", len(names), "+".join(MODES[m] for m in modes), cfg.repeats)
-    variant_rows = variant_section(cfg, bench, names, modes)
+    log.info("section 1/3: %d variants x %d modes, %d repeats", len(names), len(modes), cfg.repeats)
+    variant_rows, train_rates = variant_section(cfg, benches, names)
     log.info("section 2/3: our step vs the bare loop (%s + %s)", model_name, attention)
-    step_rows = step_section(cfg, bench, modes)
+    step_rows = step_section(cfg, benches)
     model_rate = step_rows[0]["bare loop img/s"]
     loader_rows, loader_notes = [], ["Loader section skipped (loader=false)."]
     if cfg.loader:
         log.info("section 3/3: loaders on %s's train split", cfg.data.name)
-        loader_rows, loader_notes = loader_section(cfg, bench, model_rate)
+        loader_rows, loader_notes = loader_section(cfg, benches[0], model_rate)
 
     size = f"{cfg.data.in_chans}x{cfg.data.image_size}x{cfg.data.image_size}"
     print(
         f"Device: {device_name(device)}; torch {torch.__version__}; model {model_name} ({cfg.model.block} blocks "
         f"{list(cfg.model.layers)}, {cfg.model.stem} stem); input {size} random tensors, {cfg.data.num_classes} "
-        f"classes (data={cfg.data.name}'s shape); batch {cfg.batch_size}; precision {cfg.precision}; "
-        f"channels_last {str(cfg.channels_last).lower()}; {cfg.steps} timed steps after {cfg.warmup} warm-up, "
-        f"median of {cfg.repeats} interleaved repeats (ratios: median of the per-repeat ratios); "
-        f"optimizer {cfg.optim.optimizer._target_.rsplit('.', 1)[-1]}."
+        f"classes (data={cfg.data.name}'s shape); batch {cfg.batch_size}; {cfg.steps} timed steps after "
+        f"{cfg.warmup} warm-up, median of {cfg.repeats} interleaved repeats (ratios: median of the per-repeat "
+        f"ratios [their range]); optimizer {cfg.optim.optimizer._target_.rsplit('.', 1)[-1]}."
     )
+    print("\nModes: " + "; ".join(f"`{m.name}` = {m.describe()}" for m in modes) + ".")
     print(
         "\nPer variant. Train: forward, backward, optimizer and LR-scheduler step on one batch; infer: eval mode, "
-        "no_grad. Ratios to `none` in the same mode.\n"
+        "no_grad. Ratios to `none` in the same mode. CPU time: images per second of the process's CPU time per "
+        "thread.\n"
     )
     print(markdown_table(formatted(variant_rows), VARIANT_COLUMNS))
     if device.type != "cuda":
@@ -554,18 +601,18 @@ def main(cfg: DictConfig) -> None:
     if loader_rows:
         print(
             f"\nLoaders: {cfg.data.name}'s train split, augmented, batch {cfg.batch_size}; multiples of the model's "
-            f"train img/s ({model_rate:,.0f}: {model_name} + {attention}, {MODES[modes[0]]}, the bare loop above).\n"
+            f"train img/s ({model_rate:,.0f}: {model_name} + {attention}, {modes[0].name}, the bare loop above).\n"
         )
         print(markdown_table(formatted(loader_rows), LOADER_COLUMNS))
     for note in loader_notes:
         print(f"\n{note}")
     print("\nTargets:\n")
-    print("\n".join(f"- {line}" for line in targets(cfg, device, variant_rows, step_rows, loader_rows)))
+    print("\n".join(f"- {line}" for line in targets(benches, train_rates, step_rows, loader_rows)))
 
     if cfg.csv:
         out = Path(cfg.csv)
-        write_csv(out / "variants.csv", variant_rows, VARIANT_COLUMNS)
-        write_csv(out / "step.csv", step_rows, STEP_COLUMNS)
+        write_csv(out / "variants.csv", csv_rows(variant_rows), VARIANT_COLUMNS)
+        write_csv(out / "step.csv", csv_rows(step_rows), STEP_COLUMNS)
         if loader_rows:
             write_csv(out / "loader.csv", loader_rows, LOADER_COLUMNS)
         log.info("CSV written to %s", out)

@@ -25,6 +25,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--baseline", default="none", help="the variant every other one is compared with (default: none)"
     )
     parser.add_argument(
+        "--margin", type=float, default=0.2,
+        help="equivalence margin in top-1 points: 'equivalent' when the difference lies within +-margin (default: 0.2)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, help="output dir (default: <multirun dir>/compare, or ./compare for several dirs)"
     )
     parser.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
@@ -44,7 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        compare(args.paths, baseline=args.baseline, out=args.out, wandb_mode=None if args.no_wandb else args.wandb_mode)
+        if not args.margin > 0:
+            raise ConfigError(f"--margin {args.margin} must be a positive number of top-1 points, e.g. --margin 0.2")
+        compare(
+            args.paths, baseline=args.baseline, margin=args.margin, out=args.out,
+            wandb_mode=None if args.no_wandb else args.wandb_mode,
+        )  # fmt: skip
     except ConfigError as e:
         log.error("error: %s", e)
         sys.exit(EXIT_BAD_INPUT)

@@ -1,6 +1,7 @@
 """Every attention variant against an independent float64 reference of the post's arithmetic."""
 
 import inspect
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from conftest import CONF, compose_config
 from hydra.utils import instantiate
 from timm.layers.cbam import CbamModule
 
-from cbam.attention import ChannelSpatialAttention
+from cbam.attention import ChannelSpatialAttention, fused
 from cbam.attention.pooling import SPATIAL_POOLS
 
 VARIANTS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
@@ -307,25 +308,129 @@ def test_bn_mlp_with_batch_of_one_in_train_mode_says_why(variant):
     assert module.eval()(torch.randn(1, 32, 4, 4, dtype=torch.float64)).shape == (1, 32, 4, 4)
 
 
+# The presets whose gates have no BatchNorm and one spatial conv: on a CPU they run the fused kernel.
+FUSED = ["cbam", "cbam_dynamic_ratio", "cbam_he_init", "cbam_parallel", "channel_only", "se", "spatial_only"]
+# What a float32 or bfloat16 gate (inputs and outputs rounded, float32 inside) can match float64 to, relative
+# to the largest entry of each compared tensor. Measured (tests as below): float32 errors up to 4e-7 without
+# BatchNorm in the gates and 6e-5 with it (train-mode BN over 4 pooled descriptors divides by their small
+# spread); bfloat16 up to 5e-3 without, and with it 5-40% of a gradient's largest entry: BN's centring
+# cancels most of bfloat16's 8 bits. That bound still catches a wrong or missing term, an error of order 1.
+TOLERANCE = {
+    (torch.float32, False): 1e-5,
+    (torch.float32, True): 5e-4,
+    (torch.bfloat16, False): 2e-2,
+    (torch.bfloat16, True): 6e-1,
+}
+
+
+def modes() -> list:
+    """Every combination; compiled runs in the two layouts training uses (fp32 NCHW, the CPU's old default,
+    and bf16 NHWC, its fast path) in `make test`, the other two in `make nightly`."""
+    found = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("nchw", "nhwc"):
+            for compiled in (False, True):
+                mode = f"{'compiled' if compiled else 'eager'}-{str(dtype)[6:]}-{layout}"
+                nightly = compiled and (dtype == torch.float32) == (layout == "nhwc")
+                found.append(
+                    pytest.param(dtype, layout == "nhwc", compiled, id=mode, marks=[pytest.mark.slow] * nightly)
+                )
+    return found
+
+
+@pytest.mark.parametrize("dtype, channels_last, compiled", modes())
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_compiles_to_one_graph_with_the_same_numbers(variant):
-    """torch.compile captures each variant whole (fullgraph: no graph break from Python work in
-    forward); aot_eager traces forward and backward without codegen, so this stays fast on a CPU."""
+def test_every_preset_in_every_mode_matches_the_float64_reference(variant, dtype, channels_last, compiled):
+    """Values and every gradient, in float32 and bfloat16 (autocast, as training runs it), NCHW and NHWC, eager
+    and through torch.compile (fullgraph: one graph, the fused op included; aot_eager traces forward and
+    backward without codegen, so this stays fast on a CPU)."""
     torch._dynamo.reset()
-    eager = make(variant, 32).float().train()
-    compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
-    x = torch.randn(4, 32, 8, 8, requires_grad=True)
-    out = compiled(x)
-    out.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
-    eager.zero_grad()
-    x_eager = x.detach().clone().requires_grad_()
-    expected = eager(x_eager)
-    expected.square().sum().backward()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(x.grad, x_eager.grad)
-    for name, p in eager.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, msg=name)
+    torch.manual_seed(0)
+    module = make(variant, 32).train()
+    sd = randomize(module)
+    module = module.float()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
+    x64 = torch.randn(4, 32, 9, 7, dtype=torch.float64)
+    x = x64.to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = run(x)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    params = dict(module.named_parameters())
+    got = torch.autograd.grad(out, [x, *params.values()], upstream.to(out.dtype))
+
+    x_ref = x.detach().double().requires_grad_()  # the rounded input, so only the gate's own error is measured
+    for name in params:
+        sd[name] = params[name].detach().double().requires_grad_()
+    expected = reference(variant, x_ref, sd, True)
+    want = torch.autograd.grad(expected, [x_ref, *(sd[n] for n in params)], upstream)
+    tol = TOLERANCE[dtype, any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())]
+    for name, g, w in zip(["output", "input", *params], [out, *got], [expected, *want], strict=True):
+        scale = max(w.abs().max().item(), 1.0)  # a gradient that is zero in exact arithmetic: absolute
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("variant", FUSED)
+def test_the_fused_presets_run_the_kernel_on_a_cpu(variant, monkeypatch):
+    calls = []
+    kernel = fused.fused_attention
+    monkeypatch.setattr(fused, "fused_attention", lambda *a: calls.append(1) or kernel(*a))
+    module = make(variant, 32)
+    module(torch.randn(2, 32, 5, 5, dtype=torch.float64))
+    assert calls == [1]
+    with capture_attention_of(module):  # a forward hook on a gate: the composite path runs, whose modules it sees
+        module(torch.randn(2, 32, 5, 5, dtype=torch.float64))
+    assert calls == [1]
+
+
+@contextmanager
+def capture_attention_of(module):
+    gates = [g.gate for g in (module.channel, module.spatial) if hasattr(g, "gate")]
+    handles = [gate.register_forward_hook(lambda *a: None) for gate in gates]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arrangement", ["channel_spatial", "spatial_channel", "parallel"])
+def test_the_fused_kernel_splits_tied_maxima_as_the_composite_path(arrangement):
+    """Ties at a maximum: the channel max gives its gradient to the first position (adaptive_max_pool2d),
+    the spatial max splits it over the tied channels (amax). Inputs made of few values tie everywhere."""
+    module = make("cbam", 16, f"attention.arrangement={arrangement}").train()
+    randomize(module)
+    x = torch.randint(-2, 3, (3, 16, 6, 6)).double()
+    x[:, 8:] = x[:, :8]  # every spatial maximum at least twice
+    grads = []
+    for run in (module, module.composite):
+        xi = x.clone().requires_grad_()
+        out = run(xi)
+        grads.append(torch.autograd.grad(out, [xi, *module.parameters()], torch.ones_like(out)))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_without_a_compiler_the_composite_path_runs_after_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CBAM_KERNEL_CACHE", str(tmp_path / "cache"))
+    fused.library.cache_clear()
+    try:
+        module = make("cbam", 32)
+        x = torch.randn(2, 32, 5, 5, dtype=torch.float64)
+        with caplog.at_level("WARNING"):
+            out = module(x)
+            module(x)
+        torch.testing.assert_close(out, module.composite(x))
+        assert [r.message for r in caplog.records if "fused attention kernel" in r.message] == [
+            next(r.message for r in caplog.records if "fused attention kernel" in r.message)
+        ]
+        assert "using the composite path" in caplog.text
+    finally:
+        fused.library.cache_clear()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
 from omegaconf import OmegaConf
@@ -18,7 +19,11 @@ from scipy import stats as scipy_stats
 from wandb.proto import wandb_internal_pb2
 from wandb_records import _payloads, read_run
 
-from cbam.report import welch
+from cbam.report import holm, paired, welch
+from cbam.report import stats as ours
+from cbam.report.report import plans
+from cbam.report.runs import Run
+from cbam.report.table import summarize
 
 SWEEP = [
     "data=synthetic", "data.source.train_size=256", "data.source.val_size=128", "data.batch_size=32",
@@ -291,3 +296,136 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, change, args, message
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (copy / "compare").exists() and result.stdout == ""
+
+
+# ---- paired statistics, Holm, equivalence, planning
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([91.2, 91.5, 90.9, 91.8], [90.1, 90.4, 90.2, 91.0]),
+        ([75.0, 75.1, 74.2], [80.0, 70.0, 85.0]),
+        ([99.0, 99.1, 99.05, 98.9, 99.3], [98.7, 99.0, 98.95, 98.8, 99.0]),
+    ],
+)
+def test_paired_matches_scipy(a, b):
+    ref = scipy_stats.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.95)
+    got = paired(a, b)
+    assert got.kind == "paired" and got.n == len(a)
+    assert got.diff == pytest.approx(statistics.mean(np.subtract(a, b)))
+    assert got.p == pytest.approx(ref.pvalue, rel=1e-10) and got.df == len(a) - 1
+    assert (got.ci_low, got.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+
+
+def test_holm_adjusts_step_down_and_skips_undefined_tests():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> kept monotone at 0.06
+    got = holm([0.01, 0.04, 0.03, 0.005, math.nan])
+    assert got[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(got[4])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_equivalence_is_two_one_sided_tests():
+    a = [91.20, 91.31, 91.18, 91.25, 91.27, 91.22]
+    b = [91.22, 91.25, 91.20, 91.21, 91.30, 91.19]
+    d = np.subtract(a, b)
+    margin = 0.2
+    lower = scipy_stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    upper = scipy_stats.ttest_1samp(d, margin, alternative="less").pvalue
+    assert ours.tost(paired(a, b), margin) == pytest.approx(max(lower, upper), rel=1e-9)
+    assert ours.tost(paired(a, b), margin) < 0.05  # within +-0.2: equivalent
+    assert ours.tost(paired(a, b), 0.01) > 0.05
+
+
+def test_the_seeds_a_decision_needs_give_the_power_they_claim():
+    """Simulated paired experiments at the returned number of seeds decide 80% of the time, one fewer less."""
+    rng = np.random.default_rng(0)
+    true_diff, sd, alpha = 0.3, 0.5, 0.05 / 9
+    se = sd / math.sqrt(5)
+    observed = ours.Test(
+        "paired", 5, true_diff, se, df=4, t=true_diff / se, p=0.2, ci_low=-1, ci_high=1, confidence=0.95
+    )
+    n = ours.seeds_needed(observed, sd, margin=0.01, alpha=alpha)  # a tiny margin: only a difference decides
+
+    def power(k: int) -> float:
+        d = rng.normal(true_diff, sd, size=(20000, k))
+        return float((scipy_stats.ttest_1samp(d, 0, axis=1).pvalue < alpha).mean())
+
+    assert power(n) >= ours.POWER - 0.02 and power(n - 1) < ours.POWER + 0.02
+
+
+def test_bootstrap_is_scipys_and_needs_five_seeds():
+    d = [0.31, -0.12, 0.25, 0.4, 0.05, 0.18]
+    low, high = ours.bootstrap_ci(d, None)
+    ref = scipy_stats.bootstrap((np.asarray(d),), np.mean, confidence_level=0.95, n_resamples=9999, method="BCa",
+                                rng=np.random.default_rng(0)).confidence_interval  # fmt: skip
+    assert (low, high) == pytest.approx((ref.low, ref.high))
+    assert low < statistics.mean(d) < high
+    assert all(math.isnan(v) for v in ours.bootstrap_ci(d[:4], None))
+
+
+def fake_run(variant: str, seed: int, top1: float, sweep: Path) -> Run:
+    summary = {"variant": variant, "seed": seed, "final": {"val/top1": top1}, "train_img_per_s": 100.0,
+               "overrides": [f"attention={variant}", f"seed={seed}", "trainer.epochs=3", "resume=auto"]}  # fmt: skip
+    return Run(f"{variant}-s{seed}", sweep / f"{variant}-s{seed}", summary, {}, [], sweep)
+
+
+def test_verdicts_and_the_command_that_decides_an_undecided_row(tmp_path):
+    base = [90.0, 90.4, 89.8, 90.2, 90.1]
+    rows = {
+        "better": [b + 1.0 + e for b, e in zip(base, [0.05, -0.04, 0.02, 0.0, -0.03], strict=True)],
+        "same": [b + e for b, e in zip(base, [0.02, -0.03, 0.01, 0.0, -0.01], strict=True)],
+        "unclear": [b + e for b, e in zip(base, [0.5, -0.3, 0.6, -0.1, 0.2], strict=True)],
+    }
+    runs = [fake_run("none", s, t, tmp_path) for s, t in enumerate(base)]
+    runs += [fake_run(v, s, t, tmp_path) for v, tops in rows.items() for s, t in enumerate(tops)]
+    variants = {v.name: v for v in summarize(runs, "none", margin=0.2)}
+    assert variants["better"].decision.verdict == "better"
+    assert variants["same"].decision.verdict == "equivalent"
+    unclear = variants["unclear"].decision
+    assert unclear.verdict == "undecided" and unclear.seeds_needed > 5
+    ps = [variants[v].paired.p for v in rows]
+    assert [variants[v].decision.p_holm for v in rows] == pytest.approx(holm(ps))
+    commands = plans(list(variants.values()))
+    missing = ",".join(map(str, range(5, unclear.seeds_needed)))
+    assert commands == [
+        f"python train.py -m attention=none trainer.epochs=3 seed={missing} hydra.sweep.dir={tmp_path} resume=auto",
+        f"python train.py -m attention=unclear trainer.epochs=3 seed={missing} hydra.sweep.dir={tmp_path} resume=auto",
+    ]
+
+
+def test_paired_columns_match_the_runs_and_undecided_rows_get_a_command(sweep, report):
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    top1 = {(s["variant"], s["seed"]): s["final"]["val/top1"] for s in summaries}
+    a, b = [top1["cbam", s] for s in (0, 1)], [top1["none", s] for s in (0, 1)]
+    with (sweep / "compare" / "comparison.csv").open() as f:
+        base, cbam = list(csv.DictReader(f))
+    assert base["delta_paired"] == base["p_holm"] == base["verdict"] == ""
+    assert float(cbam["delta_paired"]) == pytest.approx(statistics.mean(np.subtract(a, b)))
+    if len(set(np.subtract(a, b))) > 1:  # two seeds that differ by the same amount leave the test undefined
+        assert float(cbam["p_paired"]) == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue)
+        assert float(cbam["p_holm"]) == pytest.approx(float(cbam["p_paired"]))  # one comparison: Holm changes nothing
+    assert cbam["verdict"] in ("better", "worse", "equivalent", "undecided") and cbam["n_paired"] == "2"
+    markdown = (sweep / "compare" / "comparison.md").read_text()
+    if cbam["verdict"] == "undecided" and cbam["seeds_needed"]:
+        commands = markdown.split("```bash\n")[1].split("```")[0].strip().splitlines()
+        assert all(c.startswith("python train.py -m ") and "resume=auto" in c for c in commands)
+        assert any("attention=cbam" in c for c in commands) and all("hydra.sweep.dir=" in c for c in commands)
+
+
+def test_a_sweep_continued_from_its_records_alone_runs_only_what_is_missing(sweep, tmp_path):
+    """What results/ holds (config.yaml, metrics.jsonl, summary.json, no checkpoint) is enough: the same
+    command with resume=auto and that sweep dir leaves those runs as they are and runs the others."""
+    continued = tmp_path / "continued"
+    names = sorted(runs_of(sweep).values())
+    done = names[0]
+    (continued / done).mkdir(parents=True)
+    for f in ("config.yaml", "metrics.jsonl", "summary.json"):
+        shutil.copy(sweep / done / f, continued / done / f)
+    before = {f: (continued / done / f).read_bytes() for f in ("config.yaml", "metrics.jsonl", "summary.json")}
+    result = run("train.py", "-m", *SWEEP, f"hydra.sweep.dir={continued}", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {f: (continued / done / f).read_bytes() for f in before} == before
+    assert not (continued / done / "last.pt").exists()  # not run again
+    assert sorted(p.parent.name for p in continued.glob("*/summary.json")) == names

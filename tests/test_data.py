@@ -142,8 +142,15 @@ def test_imagenet_reads_an_image_folder(tmp_path):
     assert labels(val_batches) == [0, 0, 0, 1, 1, 1]
     assert_same_batches(val_batches, run_epoch(val))  # no augmentation in val
     # Val: the standard 0.875 centre crop, 256 for 224, derived from image_size.
-    resize = next(t for t in load_source(cfg).val.transform.transforms if isinstance(t, v2.Resize))
+    source = load_source(cfg)
+    resize = next(t for t in source.val.transform.transforms if isinstance(t, v2.Resize))
     assert resize.size == [256]
+    # The workers hand over uint8 images, a quarter of float32's bytes; the loader normalises on the device.
+    image, _ = source.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 224, 224)
+    mean, std = torch.tensor(cfg.mean)[:, None, None], torch.tensor(cfg.std)[:, None, None]
+    first = next(val.epoch(0))[0][0]  # the first val image, normalised
+    torch.testing.assert_close(first, (source.val[0][0].float() / 255 - mean) / std)
 
 
 # ---------------------------------------------------------------------------------------------- the two loaders

@@ -26,6 +26,7 @@ from cbam.engine import distributed as dist
 ARGS = [
     "data=synthetic", "data.source.train_size=256", "data.source.val_size=128", "trainer.epochs=2",
     "trainer.device=cpu", "logger.mode=offline", "optim.optimizer.lr=0.02", "trainer.log_every_n_steps=1",
+    "trainer.precision=fp32",  # the comparison is at float32's rounding; bf16 (auto on CPUs that have it) is coarser
 ]  # fmt: skip
 DDP = [*ARGS, "data.batch_size=16", "trainer.sync_bn=true"]
 SINGLE = [*ARGS, "data.batch_size=32"]
@@ -196,3 +197,26 @@ def test_cpu_sync_batchnorm_over_two_ranks_is_batchnorm_over_their_union(tmp_pat
     torch.testing.assert_close(got["y"], y.detach()[0::2])
     torch.testing.assert_close(got["state"], model.state_dict())  # running mean, unbiased var, count
     torch.testing.assert_close(got["grads"], [p.grad for p in model.parameters()])
+
+
+def test_one_process_under_torchrun_still_joins_a_process_group(tmp_path):
+    """--nproc_per_node=1 runs DDP over a group of one (NCCL on a GPU), so one GPU exercises that path."""
+    one = [*TORCHRUN[:-1], "--nproc_per_node=1"]
+    train(*SINGLE, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, launcher=one)
+    assert "rank 0 of 1 on cpu (gloo)" in (tmp_path / "run" / "train.log").read_text()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 1
+
+
+def test_parallel_jobs_of_a_multirun_spread_over_the_gpus(monkeypatch):
+    from cbam.engine.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert [resolve_device("auto", job=j) for j in range(6)] == [torch.device("cuda", j % 4) for j in range(6)]
+    assert resolve_device("cuda", job=None) == torch.device("cuda")  # a single run: the current GPU
+    assert resolve_device("cuda:2", job=5) == torch.device("cuda", 2)  # a device given is kept
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "localhost"), monkeypatch.setenv("MASTER_PORT", "29500")
+    assert resolve_device("auto", job=3) == torch.device("cuda", 1)  # under torchrun: the process's own GPU

@@ -35,10 +35,11 @@ def test_experiment_sweeps_name_real_presets(experiment):
     assert compose_config("train", f"experiment={experiment}").group == experiment
 
 
-def test_the_ablations_sweep_every_variant_over_three_seeds():
-    for experiment in ("ablation_fmnist", "ablation_cifar10", "ablation_cifar100"):
+def test_the_ablations_sweep_every_variant_over_their_seeds():
+    for experiment, seeds in (("ablation_fmnist", 5), ("ablation_cifar10", 3), ("ablation_cifar100", 3)):
         sweep = sweep_of(experiment)
-        assert sweep["attention"] == ALL_VARIANTS and sweep["seed"] == [0, 1, 2], experiment
+        assert sweep["attention"] == ALL_VARIANTS and sweep["seed"] == list(range(seeds)), experiment
+    assert compose_config("train", "experiment=ablation_fmnist").trainer.epochs == 3  # the default recipe's
     assert sweep_of("ablation_cifar10")["model"] == ["resnet18", "resnet56"]
     cfg = compose_config("train", "experiment=ablation_cifar10", "model=resnet18")
     assert cfg.model.stem == "cifar" and cfg.data.name == "cifar10"

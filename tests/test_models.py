@@ -20,18 +20,36 @@ def imagenet_model(model: str, attention: str, *overrides: str) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize(
-    "model, attention, expected",
-    [
-        ("resnet50", "none", 25_557_032),
-        ("resnet50", "cbam_official", 28_089_624),  # the paper reports 28.09M
-        ("resnet50", "cbam", 28_073_544),  # the post's CBAM: no MLP biases, no spatial BN
-        ("resnet18", "none", 11_689_512),
-        ("resnet18", "cbam_official", 11_779_392),  # the paper reports 11.78M
-    ],
-)
-def test_paper_parameter_counts(model, attention, expected):
-    assert count_params(imagenet_model(model, attention)) == expected
+def cbam_params(channels: list[int], *, biases: bool, spatial_bn: bool) -> int:
+    """CBAM's parameters over blocks of these widths, from the paper's definition: an MLP C -> C/16 -> C per
+    block (with biases in the authors' code), a 7x7 conv of the 2 pooled maps, BN(1) after it (authors' code)."""
+    total = 0
+    for c in channels:
+        h = c // 16
+        total += c * h + h * c + (h + c if biases else 0) + 2 * 7 * 7 + (2 if spatial_bn else 0)
+    return total
+
+
+def block_widths(depth: int) -> list[int]:
+    """The attention's width in every block of torchvision's ResNet-18 and ResNet-50."""
+    layers = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}[depth]
+    expansion = 4 if depth == 50 else 1
+    return [w * expansion for n, w in zip(layers, [64, 128, 256, 512], strict=True) for _ in range(n)]
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_paper_parameter_counts(depth):
+    """torchvision's own ResNet's count; + CBAM as the authors' code builds it (the paper reports 28.09M for
+    ResNet-50, 11.78M for ResNet-18: 28,089,624 and 11,779,392); + CBAM as the post builds it (no MLP biases,
+    no spatial BN; ResNet-50: 28,073,544)."""
+    base = sum(p.numel() for p in getattr(torchvision.models, f"resnet{depth}")().parameters())
+    assert count_params(imagenet_model(f"resnet{depth}", "none")) == base
+    official = base + cbam_params(block_widths(depth), biases=True, spatial_bn=True)
+    assert count_params(imagenet_model(f"resnet{depth}", "cbam_official")) == official
+    assert round(official / 1e4) / 100 == {18: 11.78, 50: 28.09}[depth]  # the paper's table, to its digits
+    assert count_params(imagenet_model(f"resnet{depth}", "cbam")) == base + cbam_params(
+        block_widths(depth), biases=False, spatial_bn=False
+    )
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -78,6 +96,29 @@ def test_attention_sits_after_last_bn_before_the_addition():
         expected = torch.relu(block.attn(seen["bn2"]) + x)  # identity shortcut: no downsampling here
     assert torch.equal(seen["attn_in"], seen["bn2"])
     torch.testing.assert_close(out, expected)
+
+
+def test_attention_sits_after_the_third_bn_of_a_bottleneck_before_the_addition():
+    model = imagenet_model("resnet50", "cbam").eval()
+    block = model.layer3[2]  # identity shortcut
+    seen = {}
+    block.bn3.register_forward_hook(lambda m, i, o: seen.__setitem__("bn3", o.clone()))
+    block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0].clone()))
+    x = torch.randn(2, 1024, 8, 8)
+    with torch.no_grad():
+        out = block(x)
+        expected = torch.relu(block.attn(seen["bn3"]) + x)
+    assert torch.equal(seen["attn_in"], seen["bn3"]) and block.attn.channel.mlp[0].in_channels == 1024
+    torch.testing.assert_close(out, expected)
+
+
+def test_official_init_holds_inside_a_full_resnet():
+    """The backbone's init skips the attention: the authors' zero spatial BN weight and zero biases survive."""
+    model = imagenet_model("resnet50", "cbam_official")
+    for blk in model.blocks():
+        assert torch.all(blk.attn.spatial.conv[1].weight == 0)
+        assert torch.all(blk.attn.channel.mlp[0].bias == 0) and torch.all(blk.attn.channel.mlp[3].bias == 0)
+        assert blk.attn.spatial.conv[0].weight.abs().sum() > 0  # He-normal, not the backbone's zero-init
 
 
 def test_attention_stages_option():
@@ -153,4 +194,9 @@ def test_model_stats_writes_csv(tmp_path):
     )
     lines = csv.read_text().splitlines()
     assert lines[0] == "attention,params,params vs none,GFLOPs,GFLOPs vs none"
-    assert [line.split(",")[0] for line in lines[1:]] == ["none", "cbam"]
+    rows = {row["attention"]: row for row in __import__("csv").DictReader(lines)}
+    assert list(rows) == ["none", "cbam"]
+    for name, row in rows.items():
+        model = build_model(compose_config("model_stats", "model=resnet20", "data=cifar10", f"attention={name}"))
+        assert row["params"] == f"{count_params(model):,}"
+    assert rows["none"]["params vs none"] == "+0 (+0.00%)" and rows["cbam"]["params vs none"].startswith("+")

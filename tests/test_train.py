@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CONF, ROOT, compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from wandb_records import read_run
 
 from cbam.engine.optim import build_optimizer
@@ -136,11 +137,19 @@ def test_one_epoch_run_writes_every_record_and_an_offline_wandb_run(finished_run
     assert summary["git_commit"] is None or len(summary["git_commit"]) >= 40
     checkpoint = torch.load(finished_run / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["attention"]["arrangement"] == "channel_spatial"
+    # trainer.precision/channels_last/compile=auto: the values chosen, everywhere the run records its config
+    config = OmegaConf.load(finished_run / "config.yaml").trainer
+    in_force = {k: config[k] for k in ("precision", "channels_last", "compile")}
+    assert in_force["precision"] in ("fp32", "bf16") and in_force["compile"] is False
+    assert {k: summary["fast_path"][k] for k in in_force} == in_force
+    assert set(summary["fast_path"]["auto"]) == set(in_force)
+    assert {k: checkpoint["config"]["trainer"][k] for k in in_force} == in_force
 
     wandb_run = read_run(finished_run)
     assert wandb_run["id"] == summary["wandb_run_id"] and wandb_run["name"] == "cbam-s0"
     assert {"cbam", "resnet20", "synthetic"} <= set(wandb_run["tags"])
     assert wandb_run["config"]["model"]["layers"] == [3, 3, 3]
+    assert wandb_run["config"]["trainer"]["precision"] == summary["fast_path"]["precision"]
     [epoch_row] = [h for h in wandb_run["history"] if "val/top1" in h]
     for key in EPOCH_KEYS:
         assert epoch_row[key] == pytest.approx(row[key]), key
@@ -198,6 +207,8 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
         ("train.py", ["trainer.epochs=0"], "trainer.epochs=0 must be a positive integer"),
         ("train.py", ["data.batch_size=-8"], "data.batch_size=-8 must be a positive integer"),
         ("train.py", ["resume=/no/such/last.pt"], "/no/such/last.pt does not exist"),
+        ("train.py", ["resume=FINISHED/last.pt", "attention=cbam_deep_spatial"], "different model or attention"),
+        ("eval.py", ["checkpoint=FINISHED/last.pt", "batch_size=0"], "must be a positive integer"),
         ("eval.py", ["checkpoint=/no/such/best.pt"], "/no/such/best.pt does not exist"),
         ("eval.py", ["checkpoint=NOT_A_CHECKPOINT"], "is not a readable checkpoint"),
         ("eval.py", [], "pass the checkpoint to evaluate"),
@@ -206,20 +217,26 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
         ("train.py", ["+attention.bogus=1"], "attention: ChannelSpatialAttention rejected the config"),
         ("train.py", ["data.source.train_size=-5"], "data.source: cbam.data.sources.synthetic rejected the config"),
         ("train.py", ["model.widths=[16,32,-64]"], "model: cbam.models.ResNet rejected the config"),
+        ("train.py", ["trainer.sync_bn=true", "trainer.compile=true"], "breaks its graph at every SyncBatchNorm"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_touches_no_run(finished_run, tmp_path, script, args, message):
+    """Exit 2, one line saying what to do; nothing written into the run dir the command points at, and the
+    finished run its checkpoint arguments point into left byte for byte as it was."""
     before = tree_digest(finished_run)
     junk = tmp_path / "notes.txt"
     junk.write_text("not a checkpoint\n")
-    args = [a.replace("NOT_A_CHECKPOINT", str(junk)) for a in args]
+    args = [a.replace("NOT_A_CHECKPOINT", str(junk)).replace("FINISHED", str(finished_run)) for a in args]
     own_data = any(a.startswith("data=") for a in args)
-    extra = [*(BASE if own_data else FAST), f"hydra.run.dir={tmp_path / 'new'}"] if script == "train.py" else []
+    new = tmp_path / "new"
+    extra = [*(BASE if own_data else FAST), f"hydra.run.dir={new}"] if script == "train.py" else []
     result = run(script, *extra, *args, cwd=tmp_path, check=False)
     output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert message in output
+    assert result.returncode == 2, output[-2000:]
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and message in errors[0], output[-2000:]
     assert "Traceback" not in output
+    assert not (new.exists() and any(new.iterdir()))  # Hydra makes the dir; the run writes nothing into it
     assert tree_digest(finished_run) == before
 
 
@@ -260,3 +277,51 @@ def test_eval_refuses_a_checkpoint_of_another_variant(finished_run, tmp_path):
     assert result.returncode == 2
     assert "different model or attention variant" in result.stderr + result.stdout
     assert "spatial.conv.3.weight" in result.stderr + result.stdout
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts what makes the host wait for (or copy from) the device: a tensor read into Python, and a
+    tensor built from Python data."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__,
+             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}  # fmt: skip
+    BUILDS = {torch.tensor, torch.as_tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS or func in self.BUILDS
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(tmp_path, train_size: int, *overrides: str) -> int:
+    cfg = compose_config("train", "logger=none", *FAST[:-1], f"data.source.train_size={train_size}",
+                         "trainer.log_every_n_steps=1000", *overrides)  # fmt: skip
+    context = RunContext(run_dir=tmp_path / f"run-{train_size}", choices={"attention": "cbam", "model": "resnet20",
+                                                                          "data": "synthetic"})  # fmt: skip
+    with HostSyncs() as mode:
+        train(cfg, context)
+    return mode.count
+
+
+@pytest.mark.parametrize(
+    "overrides", [(), ("trainer.grad_clip=1.0", "trainer.ema_decay=0.99")], ids=["default", "clip+ema"]
+)
+def test_a_training_step_waits_for_the_device_only_at_the_log_cadence(tmp_path, overrides):
+    """8 and 16 steps between two checks: the same number of host syncs, so none comes from a step."""
+    assert host_syncs(tmp_path, 256, *overrides) == host_syncs(tmp_path, 512, *overrides)
+
+
+def test_every_run_starts_from_a_clean_compile_state(tmp_path, monkeypatch):
+    """The jobs of a multirun share a process: each resets dynamo, whose recompile budget (8 entries) later
+    jobs would otherwise find spent, and run eager without a word."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    cfg = compose_config("train", "logger=none", *FAST[:-1], "data.source.train_size=64", "data.source.val_size=32")
+    for job in (0, 1):
+        context = RunContext(run_dir=tmp_path / f"job{job}", choices={"attention": "cbam", "model": "resnet20",
+                                                                      "data": "synthetic"}, job=job)  # fmt: skip
+        train(cfg, context)
+    assert resets == [1, 1]

@@ -67,7 +67,9 @@ def test_maps_have_the_gates_shapes_and_lie_in_0_1(attention, spatial, channel):
         plain = model(x)
         with capture_attention(model) as maps:
             hooked = model(x)
-    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)  # reading the maps changes nothing
+    # Reading the maps changes nothing: with hooks on its gates the attention runs its composite path (the
+    # gates as modules, which the hooks see), which its fused CPU op matches to float32 rounding.
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
     assert no_hooks(model)
     blocks = ["layer1.0", "layer2.0", "layer3.0"]
     sizes, widths = [32, 16, 8], [16, 32, 64]

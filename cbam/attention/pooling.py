@@ -38,10 +38,17 @@ class _MaxOverChannels(torch.autograd.Function):
         return at_peak.mul_(grad / ties)
 
 
+def _max_over_positions(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, 1, 1). On a CPU adaptive_max_pool2d, which keeps the argmax for its backward (amax's backward
+    measured 4x slower there); on CUDA amax, one reduction, where adaptive_max_pool2d copies an NHWC input
+    to NCHW and scans each plane with one thread (scripts/gpu_check.sh times both). At tied maxima the
+    first gives the gradient to the first position, amax splits it."""
+    return x.amax((2, 3), keepdim=True) if x.is_cuda else F.adaptive_max_pool2d(x, 1)
+
+
 # Name -> pooling, over the spatial dims (channel gate, output (N, C, 1, 1)) or over the channels
-# (spatial gate, output (N, 1, H, W)). The channel gate's max keeps the argmax for its backward pass:
-# amax's backward measured 4x slower there.
-CHANNEL_POOLS = {"avg": lambda x: _mean(x, (2, 3)), "max": lambda x: F.adaptive_max_pool2d(x, 1)}
+# (spatial gate, output (N, 1, H, W)).
+CHANNEL_POOLS = {"avg": lambda x: _mean(x, (2, 3)), "max": _max_over_positions}
 SPATIAL_POOLS = {"avg": lambda x: _mean(x, (1,)), "max": _MaxOverChannels.apply}
 
 

@@ -59,10 +59,10 @@ def make_loaders(
             raise DataError(
                 f"data.holdout needs a dataset held as tensors, which {data_cfg.name} is not: use data.holdout=0"
             )
-        workers = data_cfg.num_workers
+        torch_opts = dict(num_workers=data_cfg.num_workers, mean=data_cfg.mean, std=data_cfg.std)
         return (
-            TorchLoader(data.train, data.classes, num_workers=workers, **train_opts) if with_train else None,
-            TorchLoader(data.val, data.classes, num_workers=workers, **val_opts),
+            TorchLoader(data.train, data.classes, **torch_opts, **train_opts) if with_train else None,
+            TorchLoader(data.val, data.classes, **torch_opts, **val_opts),
         )
 
     shape = (data_cfg.in_chans, data_cfg.image_size, data_cfg.image_size)
@@ -79,16 +79,15 @@ def make_loaders(
             MemoryLoader(data.train_x, data.train_y, data.classes, **train_opts) if with_train else None,
             MemoryLoader(data.val_x, data.val_y, data.classes, pad=0, flip=False, mean=mean, std=std, **val_opts),
         )
-    # The memory loader's augmentation, one image at a time.
+    # The memory loader's augmentation, one uint8 image at a time; normalised on the device, as there.
     augment = [v2.RandomCrop(shape[1:], padding=data_cfg.pad)] if data_cfg.pad else []
     augment += [v2.RandomHorizontalFlip()] if data_cfg.flip else []
-    to_input = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = TensorImages(data.train_x, data.train_y, v2.Compose([*augment, *to_input]))
-    val = TensorImages(data.val_x, data.val_y, v2.Compose(to_input))
-    workers = data_cfg.num_workers
+    train = TensorImages(data.train_x, data.train_y, v2.Compose(augment) if augment else v2.Identity())
+    val = TensorImages(data.val_x, data.val_y, v2.Identity())
+    torch_opts = dict(num_workers=data_cfg.num_workers, mean=mean, std=std)
     return (
-        TorchLoader(train, data.classes, num_workers=workers, **train_opts) if with_train else None,
-        TorchLoader(val, data.classes, num_workers=workers, **val_opts),
+        TorchLoader(train, data.classes, **torch_opts, **train_opts) if with_train else None,
+        TorchLoader(val, data.classes, **torch_opts, **val_opts),
     )
 
 

@@ -61,6 +61,19 @@ class Shard:
         return self.take(torch.randperm(self.n, generator=g) if self.train else torch.arange(self.n))  # (num_samples,)
 
 
+class Normalize:
+    """uint8 images on the device to normalised float32, as torchvision's ToDtype(scale=True) and Normalize
+    compute it; mean and std live on the device (TF.normalize with Python lists would build and copy two
+    tensors every batch)."""
+
+    def __init__(self, mean, std, device: torch.device):
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(-1, 1, 1)  # (C, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.to_dtype(x, torch.float32, scale=True).sub_(self.mean).div_(self.std)
+
+
 class MemoryLoader:
     """The whole uint8 dataset as one tensor on the device, cropped, flipped and normalised in batch (airbench)."""
 
@@ -72,7 +85,7 @@ class MemoryLoader:
         # Zero padding once for the whole dataset, as RandomCrop(padding=pad) pads each image.
         self.x = torch.nn.functional.pad(x, (pad, pad, pad, pad)).to(device)  # (N, C, H + 2 pad, W + 2 pad)
         self.y = y.to(device)
-        self.mean, self.std = list(mean), list(std)
+        self.normalize = Normalize(mean, std, device)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -101,8 +114,7 @@ class MemoryLoader:
         cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W), mirrored where flipped
         chans = torch.arange(self.x.shape[1], device=device)[:, None, None]  # (C, 1, 1)
         x = self.x[idx[:, None, None, None], chans, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-        # The same functions as the torch loader's ToDtype and Normalize: both loaders give identical tensors.
-        return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        return self.normalize(x)  # as the torch loader's: both give identical tensors
 
 
 class TensorImages(Dataset):
@@ -152,14 +164,19 @@ class _EpochSampler(Sampler):
 
 
 class TorchLoader:
-    """A torch DataLoader with worker processes and per-image transforms (PIL decoding for ImageFolder)."""
+    """A torch DataLoader with worker processes and per-image transforms (PIL decoding for ImageFolder).
 
-    def __init__(self, dataset, classes, *, train, batch_size, num_workers, device, seed, rank, world_size):
+    The workers hand over uint8 images; pinned (CUDA), copied to the device on a side stream one batch
+    ahead, so the copy overlaps the step before it, and normalised there.
+    """
+
+    def __init__(self, dataset, classes, *, train, batch_size, num_workers, mean, std, device, seed, rank, world_size):
         self.shard = Shard(
             len(dataset), train=train, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
         )
         self.batch_size, self.num_samples, self.classes = batch_size, self.shard.num_samples, classes
         self.train, self.device = train, device
+        self.normalize = Normalize(mean, std, device)
         self.sampler = _EpochSampler()
         self.loader = DataLoader(
             _Seeded(dataset),
@@ -182,5 +199,31 @@ class TorchLoader:
             seeds = torch.zeros_like(order)  # val transforms draw nothing
         start = skip * self.batch_size  # skipped batches are not even loaded
         self.sampler.items = list(zip(order[start:].tolist(), seeds[start:].tolist(), strict=True))
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for x, y in _prefetched(self.loader, self.device):
+            yield self.normalize(x), y
+
+
+def _prefetched(batches, device: torch.device):
+    """(x, y) on `device`. On CUDA the copy of batch k + 1 is queued on a side stream before batch k is
+    handed over; the compute stream waits for it only when it uses it."""
+    if device.type != "cuda":
+        for x, y in batches:
+            yield x.to(device), y.to(device)
+        return
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    pending = None
+    for x, y in batches:
+        with torch.cuda.stream(side):
+            copied = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        if pending is not None:
+            yield _arrived(pending, side, compute)
+        pending = copied
+    if pending is not None:
+        yield _arrived(pending, side, compute)
+
+
+def _arrived(batch, side, compute):
+    compute.wait_stream(side)
+    for t in batch:
+        t.record_stream(compute)  # the caching allocator must not reuse the memory before compute is done
+    return batch

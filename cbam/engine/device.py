@@ -2,34 +2,113 @@
 
 import random
 import resource
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import ConfigError
 
 from . import distributed as dist
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"
 
 
-def resolve_device(name: str) -> torch.device:
-    """Under torchrun, `auto` and `cuda` mean this process's own GPU, cuda:LOCAL_RANK."""
+def resolve_device(name: str, job: int | None = None) -> torch.device:
+    """`auto` and `cuda` mean a GPU of this node: under torchrun this process's own, cuda:LOCAL_RANK; for
+    job number `job` of a multirun, cuda:(job mod GPUs), so that parallel jobs (hydra/launcher=joblib)
+    spread over the GPUs; else cuda:0."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but CUDA is not available here: use trainer.device=auto or cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ConfigError(f"trainer.device={name!r} is unknown: use auto, cpu or cuda")
-    if name == "cuda" and dist.launched_world_size() > 1:
+    if name == "cuda" and dist.launched_by_torchrun():
         return torch.device("cuda", dist.local_rank())
+    if name == "cuda" and job is not None:
+        return torch.device("cuda", job % torch.cuda.device_count())
     return torch.device(name)
+
+
+def configure_cuda() -> None:
+    """What a CUDA run wants and nothing sets by default: cuDNN picks its fastest convolution per shape
+    (our shapes are fixed within a run), and float32 matmuls may use TF32 tensor cores."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 def check_precision(precision: str, key: str = "trainer.precision") -> torch.dtype:
     if precision not in PRECISIONS:
         raise ConfigError(f"{key}={precision!r} is unknown: use one of {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls and convolutions in hardware: CUDA from Ampere on, x86 CPUs with AVX512-BF16 (oneDNN
+    then uses it, and AMX where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What trainer.precision, trainer.channels_last and trainer.compile are for this run."""
+
+    precision: str
+    channels_last: bool
+    compile: bool
+    chosen: dict  # option -> why, for each option that was `auto`
+
+    def record(self) -> dict:
+        """As summary.json keeps it."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
+                "auto": self.chosen}  # fmt: skip
+
+
+def choose_fast_path(trainer: DictConfig, device: torch.device, recorded: dict | None = None) -> FastPath:
+    """Each of the three options that is `auto`, chosen for `device` (README, "Speed"); a value given is kept.
+
+    precision: bf16 where the device runs it natively (a CPU without it keeps fp32, today's numerics).
+    channels_last: on with bf16 or fp16 (oneDNN's bf16 convolutions and CUDA's tensor cores are NHWC-native;
+        measured 2x for the CPU backbone), off with fp32 (NCHW, as before).
+    compile: off. Measured on the CPU it does not pay back within the default job (README); on CUDA it
+        is unmeasured here (scripts/gpu_check.sh measures it), so it is asked for, not assumed.
+    recorded: the trainer config of the checkpoint a run resumes from: its choices stand, so a resumed
+        run keeps its numerics on any machine.
+    """
+    chosen = {}
+
+    def pick(key: str, value, why: str):
+        if trainer[key] != AUTO:
+            return trainer[key]
+        if recorded is not None and recorded.get(key, AUTO) != AUTO:
+            chosen[key] = "as the checkpoint resumed from"
+            return recorded[key]
+        chosen[key] = why
+        return value
+
+    bf16 = native_bf16(device)
+    precision = pick("precision", "bf16" if bf16 else "fp32",
+                     f"{'native' if bf16 else 'no native'} bf16 on {device.type}")  # fmt: skip
+    check_precision(precision)
+    channels_last = pick("channels_last", precision != "fp32", f"{precision} convolutions")
+    compile_ = pick("compile", False, "does not pay back its compile time here (README, Speed)")
+    for key, value in (("channels_last", channels_last), ("compile", compile_)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"trainer.{key}={value!r} is unknown: use true, false or auto")
+    return FastPath(precision, channels_last, compile_, chosen)
+
+
+def with_fast_path(cfg: DictConfig, fast: FastPath) -> DictConfig:
+    """`cfg` with the chosen values in place of `auto`: what the run records (config.yaml, W&B, checkpoints)."""
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, "trainer", {"precision": fast.precision, "channels_last": fast.channels_last,
+                                      "compile": fast.compile}, merge=True)  # fmt: skip
+    return cfg
 
 
 def autocast_kwargs(device: torch.device, precision: str) -> dict:

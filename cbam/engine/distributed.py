@@ -13,9 +13,10 @@ import torch.distributed as dist
 from torch import nn
 
 
-def launched_world_size() -> int:
-    """The world size torchrun asked for (1 when not launched by torchrun), before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def launched_by_torchrun() -> bool:
+    """torchrun's environment, also with one process (which then joins a process group of one, so that
+    NCCL, DDP and compile under DDP run on a single GPU too)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def launched_rank() -> int:
@@ -42,11 +43,11 @@ def join_process_group(device: torch.device) -> None:
     """Under torchrun, join its process group, once per process, and leave it at exit (also after an error).
 
     Once per process rather than per run: a multirun calls train() once per job, and a group left
-    cannot be joined again through torchrun's store. Nothing happens in a single process, nor when the
+    cannot be joined again through torchrun's store. Nothing happens without torchrun, nor when the
     caller already joined a group. CUDA uses NCCL; small CPU tensors (epoch sums, objects) go through
     Gloo in the same group.
     """
-    if launched_world_size() <= 1 or is_distributed():
+    if not launched_by_torchrun() or is_distributed():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and torch.cuda.current_device() must agree with LOCAL_RANK

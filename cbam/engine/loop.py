@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from cbam.errors import Diverged
 
-from .distributed import all_reduce_sum, any_rank
+from .distributed import all_reduce_sum, any_rank, is_distributed
 from .state import EpochMeter, TrainState
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,60 @@ def _progress(total: int, initial: int, desc: str):
     )
 
 
+class StepChecks:
+    """Non-finite steps and stop requests, decided without a host sync on each step.
+
+    A step whose gradients are not all finite (a non-finite loss gives such gradients) is skipped on the
+    device: the fused optimizer's `found_inf`, as GradScaler uses it, leaves weights and optimizer state as
+    they were. Under DDP the gradients are averaged over the ranks first, so every rank skips the same
+    steps with no collective of its own. The count is read back every `log_every` steps and at the end of
+    the epoch (`check`): the run stops there, with exit 3, once more than `max_nonfinite` steps were skipped,
+    naming the step that went past the allowance (the steps between it and the check were skipped too).
+    Stop signals: every step in one process, every `log_every` steps (one all-reduce) under torchrun.
+    """
+
+    def __init__(self, parts: StepParts, meter: EpochMeter, device: torch.device, epoch: int, steps: int):
+        self.parts, self.meter, self.epoch, self.steps = parts, meter, epoch, steps
+        self.skipped = torch.full((), meter.nonfinite, dtype=torch.int64, device=device)  # on the device
+        self.over_at = torch.full((), -1, dtype=torch.int64, device=device)  # epoch step past the allowance
+        self.step = torch.full((), meter.steps, dtype=torch.int64, device=device)  # this epoch's steps so far
+        self.reported = min(meter.nonfinite, parts.max_nonfinite)
+
+    def record(self, bad: torch.Tensor) -> None:
+        self.step += 1
+        self.skipped += bad
+        past = (self.skipped > self.parts.max_nonfinite) & (self.over_at < 0)
+        self.over_at = torch.where(past, self.step, self.over_at)
+
+    def check(self) -> None:
+        """The host sync: warn about the steps skipped since the last check, stop past the allowance."""
+        skipped = int(self.skipped)
+        self.meter.nonfinite = skipped
+        allowed = self.parts.max_nonfinite
+        for k in range(self.reported + 1, min(skipped, allowed) + 1):
+            log.warning("non-finite loss or gradients in epoch %d: step skipped (%d so far)", self.epoch, k)
+        self.reported = max(self.reported, min(skipped, allowed))
+        if skipped > allowed:
+            raise Diverged(
+                f"non-finite loss at epoch {self.epoch}, step {int(self.over_at)} of {self.steps} (noticed at "
+                f"step {self.meter.steps}); lower optim.optimizer.lr, set trainer.grad_clip, or allow skips "
+                f"with trainer.max_nonfinite_steps (now {allowed})"
+            )
+
+    def stop_agreed(self, requested: bool, at_check: bool) -> bool:
+        if not is_distributed():
+            return requested
+        return at_check and any_rank(requested, device=self.skipped.device)[0]
+
+
+def _nonfinite_gradients(model: nn.Module, total_norm: torch.Tensor | None) -> torch.Tensor:
+    """() bool on the device: some gradient entry is NaN or infinite."""
+    if total_norm is None:  # no clipping computed it: the largest |entry| of each gradient, in one foreach op
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total_norm = torch.stack(torch._foreach_norm(grads, float("inf"))).amax()
+    return ~torch.isfinite(total_norm)
+
+
 def train_one_epoch(
     parts: StepParts,
     state: TrainState,
@@ -61,13 +115,16 @@ def train_one_epoch(
 ) -> bool:
     """Train from step `state.meter.steps` of epoch `state.epoch` to its end, or until `should_stop()`.
 
-    Updates `state` (weights, meter, global step) and returns whether the epoch finished. Throughput
-    counts only the steps after the first `warmup_steps` of this call (allocator, cudnn and compile warm-up).
+    Updates `state` (weights, meter, global step) and returns whether the epoch finished. Between log steps
+    nothing waits for the device (StepChecks). Throughput counts only the steps after the first
+    `warmup_steps` of this call (allocator, cudnn and compile warm-up).
     """
     model, meter, epoch = parts.model, state.meter, state.epoch
     model.train()
-    loss_sum = torch.tensor(meter.loss_sum, device=device, dtype=torch.float64)
-    correct = torch.tensor(meter.correct, device=device, dtype=torch.float64)
+    # [sum of loss * n, correct, n] over the steps not skipped, on the device
+    sums = torch.tensor([meter.loss_sum, meter.correct, meter.count], dtype=torch.float64, device=device)
+    one = torch.ones((), dtype=torch.float64, device=device)
+    checks = StepChecks(parts, meter, device, epoch, len(loader))
     timing = dict(meter.timing)
     start = time.perf_counter()
     timed_start, timed_images = None, 0
@@ -90,34 +147,27 @@ def train_one_epoch(
         with torch.autocast(**parts.autocast):
             logits = model(inputs)
             loss = parts.criterion(logits, targets)
-        # Under DDP every rank must skip the same steps and stop after the same step, or the gradient
-        # all-reduce waits forever: one tiny all-reduce per step decides both (nothing in one process).
-        nonfinite, stop = any_rank(not torch.isfinite(loss), should_stop(), device=device)
-        if nonfinite:
-            meter.nonfinite += 1
-            if meter.nonfinite > parts.max_nonfinite:
-                raise Diverged(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {meter.steps + 1} of {len(loader)} "
-                    f"(global step {state.global_step + 1}); lower optim.optimizer.lr, set trainer.grad_clip, "
-                    f"or allow skips with trainer.max_nonfinite_steps (now {parts.max_nonfinite})"
-                )
-            log.warning(
-                "non-finite loss at epoch %d step %d: step skipped (%d so far)", epoch, meter.steps + 1, meter.nonfinite
-            )
-            state.optimizer.zero_grad(set_to_none=True)
-        else:
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            if parts.grad_clip:
-                state.scaler.unscale_(state.optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        total_norm = None
+        if parts.grad_clip:
+            state.scaler.unscale_(state.optimizer)
+            total_norm = nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip, foreach=True)
+        if state.scaler.is_enabled():
+            bad = ~torch.isfinite(loss.detach())  # overflowing fp16 gradients are the scaler's to skip and rescale
             state.scaler.step(state.optimizer)
             state.scaler.update()
-            if state.ema is not None:
-                state.ema.update(state.model, step=state.global_step)
-            loss_sum += loss.detach().double() * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()  # against the unmixed labels
-            meter.count += y.shape[0]
+        else:
+            bad = _nonfinite_gradients(model, total_norm)
+            state.optimizer.found_inf = bad.float()  # the fused step leaves everything as it was when set
+            state.optimizer.step()
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.global_step)  # a skipped step left the weights unchanged
+        n = y.shape[0]
+        correct = (logits.detach().argmax(1) == y).sum()  # against the unmixed labels
+        this_step = torch.stack([loss.detach().double() * n, correct.double(), one * n])
+        sums += torch.where(bad | ~torch.isfinite(this_step[0]), 0.0, this_step)
+        checks.record(bad)
         state.scheduler.step()
         meter.steps += 1
         state.global_step += 1
@@ -127,25 +177,27 @@ def train_one_epoch(
             _sync(device)
             timed_start = time.perf_counter()
         elif local_step > warmup_steps:
-            timed_images += y.shape[0]
-        if state.global_step % parts.log_every == 0:
+            timed_images += n
+        at_check = state.global_step % parts.log_every == 0
+        if at_check:
+            checks.check()
             lr = state.optimizer.param_groups[0]["lr"]
-            step_loss = loss.item()
-            bar.set_postfix(
-                loss=f"{step_loss:.3f}", acc=f"{(correct / max(meter.count, 1)).item():.3f}", lr=f"{lr:.3g}"
-            )
+            step_loss, (_, correct_sum, count) = loss.item(), sums.tolist()
+            bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{correct_sum / max(count, 1):.3f}", lr=f"{lr:.3g}")
             on_step_log({"train/step_loss": step_loss, "lr": lr}, state.global_step)
-        if stop:
+        if checks.stop_agreed(should_stop(), at_check):
             finished = meter.steps >= len(loader)
             break
     bar.close()
+    checks.check()
     _sync(device)
     now = time.perf_counter()
     timing["elapsed"] += now - start
     if timed_start is not None and timed_images:
         timing["timed"] += now - timed_start
         timing["timed_images"] += timed_images
-    meter.loss_sum, meter.correct, meter.timing = loss_sum.item(), correct.item(), timing
+    meter.loss_sum, meter.correct, count = sums.tolist()
+    meter.count, meter.timing = int(count), timing
     return finished
 
 

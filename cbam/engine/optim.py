@@ -22,7 +22,13 @@ def build_optimizer(optim_cfg: DictConfig, model: nn.Module) -> Optimizer:
         params = param_groups_weight_decay(model, weight_decay)
     else:
         params = model.parameters()
-    return instantiate_config(optim_cfg.optimizer, "optim.optimizer")(params)
+    optimizer = instantiate_config(optim_cfg.optimizer, "optim.optimizer")(params)
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ConfigError(
+            f"optim.optimizer: {type(optimizer).__name__} has no fused step, which the training step needs to skip a "
+            "non-finite step without a host sync: use a torch optimizer with optim.optimizer.fused=true (SGD, AdamW)"
+        )
+    return optimizer
 
 
 def _warmup_factor(step: int, warmup_steps: int) -> float:

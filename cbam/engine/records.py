@@ -75,6 +75,15 @@ class RunRecords:
         """A run here got through an epoch or a checkpoint: what a new run must not overwrite."""
         return any(p.exists() for p in (self.metrics, self.last, self.summary))
 
+    def finished(self, epochs: int) -> bool:
+        """A run here wrote its summary after `epochs` epochs or more."""
+        if not self.summary.exists():
+            return False
+        try:
+            return self.read_summary().get("epochs", 0) >= epochs
+        except ValueError:  # a torn or edited summary.json: not a finished run
+            return False
+
     def checkpoint_to_resume(self, resume: str | None) -> Path | None:
         """What `resume` (null | auto | a checkpoint path) starts from; a new run is refused in a dir that
         already holds one, before anything is written there."""

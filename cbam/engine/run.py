@@ -27,7 +27,17 @@ from cbam.tracking import NullTracker
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .device import autocast_kwargs, check_precision, device_name, peak_memory_mb, resolve_device, seed_everything
+from .device import (
+    FastPath,
+    autocast_kwargs,
+    choose_fast_path,
+    configure_cuda,
+    device_name,
+    peak_memory_mb,
+    resolve_device,
+    seed_everything,
+    with_fast_path,
+)
 from .loop import StepParts, epoch_train_metrics, evaluate, train_one_epoch
 from .optim import build_optimizer
 from .records import RunRecords, git_commit
@@ -44,6 +54,7 @@ class RunContext:
     choices: Mapping[str, str]  # the presets it was composed from: {"attention": "cbam", "model": ..., "data": ...}
     overrides: Sequence[str] = ()  # the command line's overrides, recorded in summary.json
     group: str | None = None  # the W&B group when cfg.group is null (train.py: a multirun's sweep dir name)
+    job: int | None = None  # the job's number in a multirun: trainer.device=auto/cuda uses GPU job mod GPUs
 
     @property
     def variant(self) -> str:
@@ -72,9 +83,13 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value} must be a positive integer")
-    check_precision(cfg.trainer.precision)
     if cfg.trainer.log_every_n_steps < 1:
         raise ConfigError(f"trainer.log_every_n_steps={cfg.trainer.log_every_n_steps} must be >= 1")
+    if cfg.trainer.sync_bn and cfg.trainer.compile is True:
+        raise ConfigError(
+            "trainer.sync_bn=true with trainer.compile=true: torch.compile breaks its graph at every "
+            "SyncBatchNorm (pytorch/pytorch#161302), which costs more than compiling gains; use one of the two"
+        )
 
 
 @contextmanager
@@ -115,23 +130,39 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
         raise ConfigError(
             "trainer.visualize=true: pass end_of_run=[cbam.viz.end_of_run_figures] to train() (train.py does)"
         )
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device, job=context.job)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        configure_cuda()
+    # Each run starts from a clean compile state: the jobs of one multirun run in one process and would
+    # otherwise share dynamo's recompile budget (8 entries), past which it quietly runs eager.
+    torch._dynamo.reset()
     dist.join_process_group(device)
     try:
         # Rank 0's dir for every rank: each resolved its own ${now:} (and cbam.cli gave ranks > 0 a throwaway one).
         records = RunRecords(dist.broadcast_object(str(context.run_dir)))
         resume_path = records.checkpoint_to_resume(cfg.resume)
         checkpoint = load_checkpoint(resume_path) if resume_path else None
-        if checkpoint is not None and checkpoint["epoch"] >= cfg.trainer.epochs and records.summary.exists():
+        # A finished run is left alone, also without last.pt: a sweep continued from the records committed
+        # under results/ skips the runs they hold.
+        finished = cfg.resume == "auto" or (checkpoint is not None and checkpoint["epoch"] >= cfg.trainer.epochs)
+        if finished and records.finished(cfg.trainer.epochs):
             log.info("%s already finished all %d epochs; nothing to do", records.dir, cfg.trainer.epochs)
             return records.read_summary()
-        run = set_up(cfg, device, checkpoint, str(resume_path))
+        fast = choose_fast_path(cfg.trainer, device, recorded=checkpoint["config"]["trainer"] if checkpoint else None)
+        cfg = with_fast_path(cfg, fast)
+        run = set_up(cfg, device, checkpoint, str(resume_path), fast)
         main_process = dist.rank() == 0
         if main_process:
             records.dir.mkdir(parents=True, exist_ok=True)
         with records.logging_to_file(enabled=main_process):
             if dist.is_distributed():
                 log.info("rank %d of %d on %s (%s)", dist.rank(), dist.world_size(), device, dist.backend())
+            log.info(
+                "trainer: %s, %s, %s%s", fast.precision, "channels_last" if fast.channels_last else "NCHW",
+                "compiled" if fast.compile else "eager",
+                "".join(f"; {k}=auto: {why}" for k, why in fast.chosen.items()),
+            )  # fmt: skip
             if checkpoint is not None:
                 log.info(
                     "resumed from %s at epoch %d, step %d of %d",
@@ -160,9 +191,10 @@ class SetUp:
     parts: StepParts
     cost: dict  # {"params", "flops"} of the model
     resolved: dict  # the resolved config, as recorded
+    fast: FastPath  # trainer.precision, channels_last, compile as chosen
 
 
-def set_up(cfg: DictConfig, device: torch.device, checkpoint: dict | None, source: str) -> SetUp:
+def set_up(cfg: DictConfig, device: torch.device, checkpoint: dict | None, source: str, fast: FastPath) -> SetUp:
     seed_everything(cfg.seed)
     train_loader, val_loader = build_loaders(
         cfg.data, device=device, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size()
@@ -172,7 +204,7 @@ def set_up(cfg: DictConfig, device: torch.device, checkpoint: dict | None, sourc
     if checkpoint is not None:
         state.load_state_dict(checkpoint, source)
     parts = step_parts(cfg, state, device)
-    return SetUp(device, train_loader, val_loader, state, parts, cost, resolved)
+    return SetUp(device, train_loader, val_loader, state, parts, cost, resolved, fast)
 
 
 def _train(
@@ -199,7 +231,8 @@ def _train(
             name=title,
             group=cfg.group if cfg.group is not None else context.group,
             tags=[context.variant, context.choices["model"], context.choices["data"], *cfg.tags],
-            config=run.resolved,
+            # W&B groups runs by config keys: the variant (as compare.py groups) and the preset, at the top
+            config={"variant": context.variant, "attention_preset": context.choices["attention"], **run.resolved},
             run_id=state.wandb_id,
         ) as tracker,
         stop_on_signals(second_kills=not dist.is_distributed()) as should_stop,
@@ -254,7 +287,10 @@ def step_parts(cfg: DictConfig, state: TrainState, device: torch.device) -> Step
     step_model = state.model
     if dist.is_distributed():
         step_model = nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if device.type == "cuda" else None
+            step_model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,  # the gradients are views of the all-reduce buckets: no copy either way
+            static_graph=True,  # every step uses every parameter: DDP can fix its buckets after the first
         )
     if cfg.trainer.compile:
         step_model = torch.compile(step_model)
@@ -349,6 +385,7 @@ def _summary(cfg, context: RunContext, run: SetUp, history, per_class, records, 
         "peak_memory_mb": peak_mb,
         "peak_memory_kind": peak_kind,
         "device": device_name(device),
+        "fast_path": run.fast.record(),
         "world_size": dist.world_size(),
         "wall_time_s": wall_time_s,
         "git_commit": git_commit(),

@@ -2,6 +2,6 @@
 baseline, a fairness check of the configs, plots, Markdown/CSV/HTML and one W&B summary run."""
 
 from .report import Comparison, build, compare
-from .stats import Welch, mean_std, welch
+from .stats import Test, holm, mean_std, paired, welch
 
-__all__ = ["Comparison", "Welch", "build", "compare", "mean_std", "welch"]
+__all__ = ["Comparison", "Test", "build", "compare", "holm", "mean_std", "paired", "welch"]

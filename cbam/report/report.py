@@ -1,8 +1,9 @@
 """`compare(paths)`: read finished runs, group them by variant, write the comparison to --out."""
 
 import logging
+import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fairness import IGNORED, Difference, config_differences
@@ -16,16 +17,21 @@ TITLE = "Attention variants compared"
 NOTE = (
     "Accuracy is the final epoch's val top-1 (summary.json final['val/top1']), not the best epoch's: the val "
     "split is the dataset's test split (unless data.holdout > 0), so picking the best epoch on it would give an "
-    "optimistic, selected number. Mean ± sample std over seeds. Δ: difference of the mean to the baseline's, "
-    "with a 95% confidence interval (Welch–Satterthwaite df, t quantile); p: Welch's two-sided t-test; n/a where "
-    "a side has one run or both have zero variance. train img/s: mean training throughput, and its ratio to the "
-    "baseline's."
+    "optimistic, selected number. Mean ± sample std over seeds. Δ vs baseline: difference of the means, with "
+    "Welch's 95% confidence interval and p (unequal variances). Δ paired: the mean of the per-seed differences "
+    "over the seeds both share, with its t interval and p (paired t-test); same seed, same data order and "
+    "augmentation. p (Holm): the paired p (else Welch's), Holm-adjusted over the table's rows. verdict: better "
+    "or worse at p (Holm) < 0.05, equivalent when two one-sided tests (Holm-adjusted) put the difference within "
+    "±{margin:g} points, else undecided, with the seeds per variant that would decide at the observed variance "
+    "(power 0.8). bootstrap 95% CI: BCa bootstrap of the same difference, a check without the normal assumption "
+    "(n/a below 5 seeds). d: Cohen's d of the difference (d_z when paired). n/a where a side has one run or no "
+    "spread. train img/s: mean training throughput, and its ratio to the baseline's."
 )
 FAIR = (
     "None: the runs' resolved configs differ only in the attention config and the seed "
     f"(not compared: {', '.join(IGNORED)})."
 )
-RUN_COLUMNS = ["run", "variant", "seed", "val top-1 %", "dir"]
+RUN_COLUMNS = ["run", "variant", "seed", "val top-1 %", "train img/s", "dir"]
 
 
 @dataclass
@@ -35,6 +41,8 @@ class Comparison:
     baseline: str
     data: str
     differences: list[Difference]
+    margin: float = 0.2
+    plans: list[str] = field(default_factory=list)  # train.py commands that run the seeds undecided rows need
 
     def described(self) -> str:
         models = ", ".join(sorted({r.summary["model"] for r in self.runs}))
@@ -45,7 +53,7 @@ class Comparison:
         )
 
     def table_rows(self) -> list[dict]:
-        return [markdown_row(v) for v in self.variants]
+        return [markdown_row(v, self.margin) for v in self.variants]
 
     def csv_rows(self) -> list[dict]:
         return [csv_row(v) for v in self.variants]
@@ -57,7 +65,8 @@ class Comparison:
                 "variant": r.variant,
                 "seed": r.summary["seed"],
                 "val top-1 %": f"{r.top1:.2f}",
-                "dir": str(r.dir),
+                "train img/s": f"{r.summary['train_img_per_s']:,.0f}" if r.summary.get("train_img_per_s") else "n/a",
+                "dir": _shown(r.dir),
             }
             for v in self.variants
             for r in v.runs
@@ -82,11 +91,54 @@ class Comparison:
         }
 
 
-def build(paths: Sequence[str | Path], baseline: str = "none") -> Comparison:
+def _shown(path: Path) -> str:
+    """A path as given from here: relative when under the working dir (records moved with a clone still read)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _seed_list(seeds) -> str:
+    return ",".join(map(str, sorted(seeds)))
+
+
+def plans(variants: list[Variant]) -> list[str]:
+    """For each undecided row: `python train.py -m ...` running just the seeds its variant and the baseline
+    lack, into the sweep its runs came from (resume=auto leaves the finished ones alone). Built from the
+    runs' own overrides (summary.json), so the recipe is the one they ran."""
+    base = variants[0]
+    commands, base_missing = [], set()
+    for v in variants[1:]:
+        d = v.decision
+        if d.verdict != "undecided" or d.seeds_needed is None or d.seeds_needed <= len(v.runs):
+            continue
+        have = set(v.seeds) & set(base.seeds) if d.test.kind == "paired" else set(v.seeds)
+        target = sorted(have)
+        nxt = max([*v.seeds, *base.seeds], default=-1) + 1
+        while len(target) < d.seeds_needed:
+            target.append(nxt)
+            nxt += 1
+        commands.append(_command(v, set(target) - set(v.seeds)))
+        base_missing |= set(target) - set(base.seeds)
+    if base_missing:
+        commands.insert(0, _command(base, base_missing))
+    return [c for c in commands if c]
+
+
+def _command(v: Variant, seeds: set) -> str:
+    run = v.runs[0]
+    kept = [o for o in run.summary.get("overrides", []) if not o.startswith(("seed=", "resume=", "hydra."))]
+    sweep = [f"hydra.sweep.dir={_shown(run.sweep)}"] if run.sweep is not None else []
+    args = [*kept, f"seed={_seed_list(seeds)}", *sweep, "resume=auto"]
+    return "python train.py -m " + " ".join(shlex.quote(a) for a in args)
+
+
+def build(paths: Sequence[str | Path], baseline: str = "none", margin: float = 0.2) -> Comparison:
     runs = load_runs(paths)
     data = common_dataset(runs)
-    variants = summarize(runs, baseline)
-    return Comparison(runs, variants, baseline, data, config_differences(runs))
+    variants = summarize(runs, baseline, margin)
+    return Comparison(runs, variants, baseline, data, config_differences(runs), margin, plans(variants))
 
 
 def render_markdown(c: Comparison) -> str:
@@ -97,8 +149,8 @@ def render_markdown(c: Comparison) -> str:
 
 {markdown_table(c.table_rows(), COLUMNS)}
 
-{NOTE}
-
+{NOTE.format(margin=c.margin)}
+{_plans_section(c)}
 ## Unfair comparisons
 
 {unfair}
@@ -115,6 +167,21 @@ def render_markdown(c: Comparison) -> str:
 """
 
 
+def _plans_section(c: Comparison) -> str:
+    if not c.plans:
+        return ""
+    commands = "\n".join(c.plans)
+    return f"""
+## Deciding the undecided rows
+
+Each command runs only the seeds missing for a decision at the observed variance:
+
+```bash
+{commands}
+```
+"""
+
+
 def default_out(paths: Sequence[str | Path]) -> Path:
     """<multirun dir>/compare for one multirun dir, else ./compare."""
     found = find_run_dirs(paths)
@@ -125,13 +192,18 @@ def default_out(paths: Sequence[str | Path]) -> Path:
 
 
 def compare(
-    paths: Sequence[str | Path], *, baseline: str = "none", out: Path | None = None, wandb_mode: str | None = "auto"
+    paths: Sequence[str | Path],
+    *,
+    baseline: str = "none",
+    margin: float = 0.2,
+    out: Path | None = None,
+    wandb_mode: str | None = "auto",
 ) -> Comparison:
     """Write comparison.md/.csv/.html and the plots to `out` and print the Markdown; log to W&B unless
     wandb_mode is None."""
     from .plots import write_plots  # matplotlib: imported once the inputs are known to be good
 
-    c = build(paths, baseline)
+    c = build(paths, baseline, margin)
     out = Path(out) if out is not None else default_out(paths)
     out.mkdir(parents=True, exist_ok=True)
     for d in c.differences:
@@ -144,7 +216,7 @@ def compare(
         title=TITLE,
         described=c.described(),
         table=html_table(c.table_rows(), COLUMNS),
-        note=NOTE,
+        note=NOTE.format(margin=c.margin),
         unfair=[str(d) for d in c.differences],
         fair_note=FAIR,
         runs=html_table(c.run_rows(), RUN_COLUMNS),
@@ -162,6 +234,15 @@ def compare(
             config=c.config(),
             columns=CSV_COLUMNS,
             rows=c.csv_rows(),
+            run_rows=[
+                {
+                    "variant": r.variant,
+                    "seed": r.summary["seed"],
+                    "val_top1": r.top1,
+                    "train_img_per_s": r.summary.get("train_img_per_s"),
+                }
+                for r in c.runs
+            ],  # fmt: skip
             plots=plots,
         )
     log.info("comparison written to %s", out)

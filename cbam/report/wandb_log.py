@@ -35,9 +35,18 @@ def _init(wandb, mode: str, **init):
 
 
 def log_comparison(
-    *, runs: list[Run], mode: str, out: Path, config: dict, columns: list[str], rows: list[dict], plots: dict[str, Path]
+    *,
+    runs: list[Run],
+    mode: str,
+    out: Path,
+    config: dict,
+    columns: list[str],
+    rows: list[dict],
+    run_rows: list[dict],
+    plots: dict[str, Path],
 ) -> str | None:
-    """Log the table and the plots; returns the W&B run id, or None when W&B failed (a warning says why)."""
+    """Log the comparison table, one row per run (variant, seed, final val top-1, train img/s) and the plots;
+    returns the W&B run id, or None when W&B failed (a warning says why)."""
     logger = runs[0].config.get("logger") or {}
     try:
         import wandb
@@ -62,9 +71,10 @@ def log_comparison(
     with run:  # finishes the run, also when logging fails
         try:
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows], allow_mixed_types=True)
-            run.log(
-                {"comparison": table} | {name: wandb.Image(str(path), caption=name) for name, path in plots.items()}
-            )
+            per_run = list(run_rows[0]) if run_rows else []
+            run_table = wandb.Table(columns=per_run, data=[[r[c] for c in per_run] for r in run_rows])
+            images = {name: wandb.Image(str(path), caption=name) for name, path in plots.items()}
+            run.log({"comparison": table, "runs": run_table} | images)
         except Exception as e:
             log.warning("warning: W&B logging failed (%s); the comparison's files are written all the same", e)
     if offline:

@@ -1,0 +1,933 @@
+// The channel and spatial gates of cbam.attention.ChannelSpatialAttention, forward and backward, fused per
+// sample for the CPU (the module's composite PyTorch path is the reference; tests/test_attention.py holds
+// both to a float64 reference of the post's formulas).
+//
+// Why per sample: a sample's activation (C x H x W) fits in the core's cache, so every pass the gates make
+// over it (two poolings, the products, their backward) runs there, and memory sees one read of x and one
+// write of the output (forward), two reads and one write (backward). Op by op, each pass goes to memory.
+// Only gates without BatchNorm can run this way: BN's statistics span the batch (those use the composite path).
+//
+// Built at first use by cbam/attention/fused.py (g++ -O3 -fopenmp), loaded with ctypes. OpenMP is the
+// runtime torch already loaded (same soname), so the threads are torch's.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+enum Arrangement { CHANNEL_SPATIAL = 0, SPATIAL_CHANNEL = 1, PARALLEL = 2, CHANNEL_ONLY = 3, SPATIAL_ONLY = 4 };
+enum Pool { AVG = 0, MAX = 1 };
+enum Dtype { F32 = 0, F64 = 1, BF16 = 2 };
+
+struct Spec {
+  int arrangement;
+  int n_cpools, cpools[2];
+  int shared_mlp, hidden, mlp_bias;
+  int n_spools, spools[2];
+  int kernel, residual;
+  int N, C, H, W, channels_last;
+  bool channel() const { return arrangement != SPATIAL_ONLY; }
+  bool spatial() const { return arrangement != CHANNEL_ONLY; }
+  int n_mlps() const { return channel() ? (shared_mlp ? 1 : n_cpools) : 0; }
+  int P() const { return H * W; }
+  int cpool_index(int kind) const {
+    for (int k = 0; k < n_cpools; ++k) if (cpools[k] == kind) return k;
+    return -1;
+  }
+  int spool_index(int kind) const {
+    for (int k = 0; k < n_spools; ++k) if (spools[k] == kind) return k;
+    return -1;
+  }
+  // Per-sample saved values: Mc[C] | Ms[P] | channel pools [n_cp][C] | hidden pre-activations [n_cp][h] |
+  // spatial maps [n_sp][P]; the channel max's argmax is saved apart, as int32 [C].
+  long saved_size() const {
+    long s = 0;
+    if (channel()) s += C + (long)n_cpools * C + (long)n_cpools * hidden;
+    if (spatial()) s += P() + (long)n_spools * P();
+    return s;
+  }
+};
+
+Spec read_spec(const int32_t* s, int N, int C, int H, int W, int channels_last) {
+  Spec p;
+  p.arrangement = s[0];
+  p.n_cpools = s[1]; p.cpools[0] = s[2]; p.cpools[1] = s[3];
+  p.shared_mlp = s[4]; p.hidden = s[5]; p.mlp_bias = s[6];
+  p.n_spools = s[7]; p.spools[0] = s[8]; p.spools[1] = s[9];
+  p.kernel = s[10]; p.residual = s[11];
+  p.N = N; p.C = C; p.H = H; p.W = W; p.channels_last = channels_last;
+  return p;
+}
+
+// ---- element types: computed in Acc (float, or double for float64 tensors), stored as T
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does; NaN stays NaN (branch-free)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  uint32_t quiet = (bits >> 16) | 0x40u;
+  return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+template <typename T, typename Acc> struct Elem {
+  static inline Acc load(const T* p, long i) { return (Acc)p[i]; }
+  static inline void store(T* p, long i, Acc v) { p[i] = (T)v; }
+};
+template <> struct Elem<uint16_t, float> {
+  static inline float load(const uint16_t* p, long i) { return bf16_to_float(p[i]); }
+  static inline void store(uint16_t* p, long i, float v) { p[i] = float_to_bf16(v); }
+};
+
+// A sample's tensor in its memory layout, as a canonical channel-major buffer [C][P] in Acc and back.
+template <typename T, typename Acc>
+void load_sample(const T* src, Acc* dst, const Spec& s) {
+  const int C = s.C, P = s.P();
+  if (s.channels_last) {
+    for (int p = 0; p < P; ++p)
+      for (int c = 0; c < C; ++c) dst[(long)c * P + p] = Elem<T, Acc>::load(src, (long)p * C + c);
+  } else {
+    for (long i = 0; i < (long)C * P; ++i) dst[i] = Elem<T, Acc>::load(src, i);
+  }
+}
+
+template <typename T, typename Acc>
+void store_sample(const Acc* src, T* dst, const Spec& s) {
+  const int C = s.C, P = s.P();
+  if (s.channels_last) {
+    for (int p = 0; p < P; ++p)
+      for (int c = 0; c < C; ++c) Elem<T, Acc>::store(dst, (long)p * C + c, src[(long)c * P + p]);
+  } else {
+    for (long i = 0; i < (long)C * P; ++i) Elem<T, Acc>::store(dst, i, src[i]);
+  }
+}
+
+template <typename Acc> inline Acc sigmoid(Acc v) { return Acc(1) / (Acc(1) + std::exp(-v)); }
+
+// ---- reductions over a row, in GCC's vector extensions (lowered to AVX-512, AVX2, NEON or scalar code,
+// whatever -march=native has): auto-vectorized, these reductions went through the stack or stayed scalar
+// and cost more than the passes over the row themselves.
+
+template <typename Acc> struct Vec { typedef Acc type __attribute__((vector_size(64))); };
+template <typename Acc> using vec_t = typename Vec<Acc>::type;
+template <typename Acc> constexpr int LANES = 64 / sizeof(Acc);
+constexpr long SLACK = 256;  // room past the conv's planes for its last block of four vectors
+
+template <typename Acc> inline vec_t<Acc> load_vec(const Acc* p) {
+  vec_t<Acc> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// sum_i a[i] * (b ? b[i] : 1) * (c ? c[i] : 1)
+template <typename Acc>
+inline Acc sum_of(const Acc* a, const Acc* b, int n, const Acc* c = nullptr) {
+  constexpr int L = LANES<Acc>;
+  vec_t<Acc> acc = {};
+  int i = 0;
+  if (b && c) for (; i + L <= n; i += L) acc += load_vec(a + i) * (load_vec(b + i) * load_vec(c + i));
+  else if (b) for (; i + L <= n; i += L) acc += load_vec(a + i) * load_vec(b + i);
+  else for (; i + L <= n; i += L) acc += load_vec(a + i);
+  Acc sum = 0;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  for (; i < n; ++i) sum += a[i] * (b ? b[i] : Acc(1)) * (c ? c[i] : Acc(1));
+  return sum;
+}
+
+// One pass over z = a[i] * (b ? b[i] : 1): its sum, its maximum and the first i that holds it (what
+// adaptive_max_pool2d's backward gives the gradient to).
+template <typename Acc>
+inline void row_sum_max(const Acc* a, const Acc* b, int n, Acc* sum, Acc* peak, int32_t* first) {
+  constexpr int L = LANES<Acc>;
+  vec_t<Acc> total = {}, best, at = {}, pos;
+  for (int l = 0; l < L; ++l) { best[l] = -std::numeric_limits<Acc>::infinity(); pos[l] = Acc(l); }
+  int i = 0;
+  for (; i + L <= n; i += L, pos += Acc(L)) {
+    vec_t<Acc> z = b ? load_vec(a + i) * load_vec(b + i) : load_vec(a + i);
+    total += z;
+    auto more = z > best;  // strict: each lane keeps its first maximum
+    best = more ? z : best;
+    at = more ? pos : at;
+  }
+  Acc s = 0, m = -std::numeric_limits<Acc>::infinity();
+  int f = n;
+  for (int l = 0; l < L; ++l) {
+    s += total[l];
+    if (best[l] > m) { m = best[l]; f = (int)at[l]; }
+    else if (best[l] == m && (int)at[l] < f) f = (int)at[l];
+  }
+  for (; i < n; ++i) {
+    Acc z = b ? a[i] * b[i] : a[i];
+    s += z;
+    if (z > m) { m = z; f = i; }
+  }
+  *sum = s;
+  *peak = m;
+  *first = f < n ? f : 0;  // all NaN: nothing compares, position 0 as adaptive_max_pool2d
+}
+
+// v[i] = sigmoid(v[i]); for float a vectorizable exp (2^x: exponent bits plus a degree-6 polynomial of the
+// fraction, relative error below 3e-7), where std::exp is a call per element.
+template <typename Acc>
+inline void sigmoid_all(Acc* v, int n) {
+  for (int i = 0; i < n; ++i) v[i] = sigmoid(v[i]);
+}
+
+template <>
+inline void sigmoid_all<float>(float* v, int n) {
+  for (int i = 0; i < n; ++i) {
+    float x = -v[i];
+    x = x > 88.0f ? 88.0f : (x < -88.0f ? -88.0f : x);
+    float t = x * 1.44269504088896341f;  // log2(e)
+    float k = std::nearbyint(t);
+    float f = t - k;  // in [-0.5, 0.5]
+    float poly = 1.53533080e-4f;
+    poly = poly * f + 1.33997766e-3f;
+    poly = poly * f + 9.61817801e-3f;
+    poly = poly * f + 5.55041086e-2f;
+    poly = poly * f + 2.40226507e-1f;
+    poly = poly * f + 6.93147182e-1f;
+    poly = poly * f + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &poly, 4);
+    bits += (int32_t)k << 23;
+    float e;
+    std::memcpy(&e, &bits, 4);
+    v[i] = 1.0f / (1.0f + e);
+  }
+}
+
+// ---- parameters, in the order fused.py passes them: per MLP w1 (h, C), [b1 (h)], w2 (C, h), [b2 (C)];
+// then the spatial conv's weight (1, n_sp, k, k).
+
+template <typename Acc> struct Params {
+  std::vector<Acc*> w1, b1, w2, b2;
+  Acc* conv = nullptr;
+  Params(Acc** ptrs, const Spec& s) {
+    int i = 0;
+    for (int m = 0; m < s.n_mlps(); ++m) {
+      w1.push_back(ptrs[i++]);
+      b1.push_back(s.mlp_bias ? ptrs[i++] : nullptr);
+      w2.push_back(ptrs[i++]);
+      b2.push_back(s.mlp_bias ? ptrs[i++] : nullptr);
+    }
+    if (s.spatial()) conv = ptrs[i++];
+  }
+};
+
+// Sizes of the parameters, in the same order (for the per-thread gradient buffers).
+std::vector<long> param_sizes(const Spec& s) {
+  std::vector<long> sizes;
+  for (int m = 0; m < s.n_mlps(); ++m) {
+    sizes.push_back((long)s.hidden * s.C);
+    if (s.mlp_bias) sizes.push_back(s.hidden);
+    sizes.push_back((long)s.C * s.hidden);
+    if (s.mlp_bias) sizes.push_back(s.C);
+  }
+  if (s.spatial()) sizes.push_back((long)s.n_spools * s.kernel * s.kernel);
+  return sizes;
+}
+
+// Where a sample's saved values live.
+template <typename Acc> struct Saved {
+  Acc *mc = nullptr, *ms = nullptr, *cpool = nullptr, *hpre = nullptr, *smaps = nullptr;
+  int32_t* argmax;
+  Saved(Acc* base, int32_t* argmax_, const Spec& s) : argmax(argmax_) {
+    Acc* p = base;
+    if (s.channel()) {
+      mc = p; p += s.C;
+      cpool = p; p += (long)s.n_cpools * s.C;
+      hpre = p; p += (long)s.n_cpools * s.hidden;
+    }
+    if (s.spatial()) {
+      ms = p; p += s.P();
+      smaps = p;
+    }
+  }
+};
+
+// Per-thread scratch, kept between calls (grown, never shrunk): allocating it per call cost page faults.
+template <typename Acc> struct Scratch {
+  std::vector<Acc> x, g, d, padded, dpadded, wide, flipped, vec_c, vec_p, vec_p2, dmaps, dv, logit;
+  std::vector<int> ties;
+  static Scratch& for_this_thread(const Spec& s) {
+    static thread_local Scratch t;
+    long CP = (long)s.C * s.P();
+    int r = s.kernel / 2;
+    long pad = (long)(s.H + 2 * r) * (s.W + 2 * r);
+    for (auto* v : {&t.x, &t.g, &t.d}) v->resize(CP);
+    t.padded.assign(pad * 2 + SLACK, Acc(0));  // zero: the conv's last block reads past the planes
+    t.dpadded.resize(pad + SLACK); t.wide.resize(pad + SLACK);
+    t.flipped.resize((long)s.kernel * s.kernel);
+    t.vec_c.resize(s.C); t.vec_p.resize(s.P()); t.vec_p2.resize(s.P());
+    t.dmaps.resize((long)2 * s.P()); t.dv.resize((long)2 * s.C); t.logit.resize(s.C > s.P() ? s.C : s.P());
+    t.ties.resize(s.P());
+    return t;
+  }
+};
+
+// ---- channel gate: Mc = sigmoid(sum_k MLP_k(pool_k over P of z)), z = x * scale_p (or x)
+
+// Both pools of row c from its sum and maximum.
+template <typename Acc>
+inline void set_channel_pools(int c, Acc sum, Acc peak, Saved<Acc>& sv, const Spec& s) {
+  for (int k = 0; k < s.n_cpools; ++k) sv.cpool[(long)k * s.C + c] = s.cpools[k] == AVG ? sum / Acc(s.P()) : peak;
+}
+
+template <typename Acc>
+void channel_pools(const Acc* x, const Acc* scale_p, Saved<Acc>& sv, const Spec& s) {
+  const int C = s.C, P = s.P();
+  for (int c = 0; c < C; ++c) {
+    Acc sum, peak;
+    row_sum_max(x + (long)c * P, scale_p, P, &sum, &peak, sv.argmax + c);
+    set_channel_pools(c, sum, peak, sv, s);
+  }
+}
+
+// The pools (sv.cpool) through the MLPs: Mc, and the hidden pre-activations backward needs.
+template <typename Acc>
+void channel_mlp(const Params<Acc>& w, Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  const int C = s.C, h = s.hidden;
+  Acc* logit = t.logit.data();
+  for (int c = 0; c < C; ++c) logit[c] = 0;
+  for (int k = 0; k < s.n_cpools; ++k) {
+    int m = s.shared_mlp ? 0 : k;
+    const Acc* pool = sv.cpool + (long)k * C;
+    Acc* pre = sv.hpre + (long)k * h;
+    for (int j = 0; j < h; ++j) {
+      Acc a = w.b1[m] ? w.b1[m][j] : Acc(0);
+      pre[j] = a + sum_of(w.w1[m] + (long)j * C, pool, C);
+    }
+    for (int c = 0; c < C; ++c) {
+      Acc a = w.b2[m] ? w.b2[m][c] : Acc(0);
+      const Acc* wr = w.w2[m] + (long)c * h;
+      for (int j = 0; j < h; ++j) a += wr[j] * (pre[j] > 0 ? pre[j] : Acc(0));
+      logit[c] += a;
+    }
+  }
+  for (int c = 0; c < C; ++c) sv.mc[c] = logit[c];
+  sigmoid_all(sv.mc, C);
+}
+
+// d(loss)/d(Mc) -> the MLPs' parameter gradients (added to grads) and d(loss)/d(pool_k), in t.dv [n_cp][C].
+template <typename Acc>
+void channel_backward_mlp(const Acc* d_mc, const Params<Acc>& w, const Saved<Acc>& sv, Params<Acc>& grads,
+                          Scratch<Acc>& t, const Spec& s) {
+  const int C = s.C, h = s.hidden;
+  Acc* dlogit = t.logit.data();
+  for (int c = 0; c < C; ++c) dlogit[c] = d_mc[c] * sv.mc[c] * (Acc(1) - sv.mc[c]);
+  for (int k = 0; k < s.n_cpools; ++k) {
+    int m = s.shared_mlp ? 0 : k;
+    const Acc* pool = sv.cpool + (long)k * C;
+    const Acc* pre = sv.hpre + (long)k * h;
+    Acc* dpool = t.dv.data() + (long)k * C;
+    if (grads.b2[m]) for (int c = 0; c < C; ++c) grads.b2[m][c] += dlogit[c];
+    for (int c = 0; c < C; ++c) dpool[c] = 0;
+    for (int j = 0; j < h; ++j) {
+      Acc relu = pre[j] > 0 ? pre[j] : Acc(0);
+      Acc dh = 0;
+      for (int c = 0; c < C; ++c) {
+        grads.w2[m][(long)c * h + j] += dlogit[c] * relu;
+        dh += w.w2[m][(long)c * h + j] * dlogit[c];
+      }
+      Acc dpre = pre[j] > 0 ? dh : Acc(0);
+      if (grads.b1[m]) grads.b1[m][j] += dpre;
+      const Acc* wr = w.w1[m] + (long)j * C;
+      Acc* gr = grads.w1[m] + (long)j * C;
+      for (int c = 0; c < C; ++c) {
+        gr[c] += dpre * pool[c];
+        dpool[c] += wr[c] * dpre;
+      }
+    }
+  }
+}
+
+// d(pool_k) (t.dv) -> d(z) added into dz [C][P] (z = x * scale_p, so each term is also scaled when
+// `scale_p` is given: the caller passes the z-gradient's destination and handles the product rule).
+template <typename Acc>
+void channel_backward_pools(Acc* dz, const Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  const int C = s.C, P = s.P();
+  const Acc inv_p = Acc(1) / Acc(P);
+  for (int k = 0; k < s.n_cpools; ++k) {
+    const Acc* dpool = t.dv.data() + (long)k * C;
+    for (int c = 0; c < C; ++c) {
+      Acc* row = dz + (long)c * P;
+      if (s.cpools[k] == AVG) {
+        Acc v = dpool[c] * inv_p;
+        for (int p = 0; p < P; ++p) row[p] += v;
+      } else {
+        row[sv.argmax[c]] += dpool[c];  // the first maximum, as adaptive_max_pool2d's backward
+      }
+    }
+  }
+}
+
+// out[e] = sum_{q, i, j} w[q][i][j] * in[q * in_stride + e + i * PW + j] for e in [0, span): the k x k
+// correlation of nq padded planes (rows of PW), on the padded width. Four vectors of outputs stay in
+// registers through all taps; `in` and `out` have SLACK elements of room past their ends for the last block.
+
+template <typename Acc>
+void correlate(const Acc* in, long in_stride, int nq, const Acc* w, int k, int PW, long span, Acc* out) {
+  constexpr int L = LANES<Acc>;
+  for (long e0 = 0; e0 < span; e0 += 4 * L) {
+    vec_t<Acc> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int q = 0; q < nq; ++q)
+      for (int i = 0; i < k; ++i)
+        for (int j = 0; j < k; ++j) {
+          const Acc wt = w[((long)q * k + i) * k + j];
+          const Acc* src = in + q * in_stride + e0 + (long)i * PW + j;
+          a0 += wt * load_vec(src);
+          a1 += wt * load_vec(src + L);
+          a2 += wt * load_vec(src + 2 * L);
+          a3 += wt * load_vec(src + 3 * L);
+        }
+    std::memcpy(out + e0, &a0, sizeof a0);
+    std::memcpy(out + e0 + L, &a1, sizeof a1);
+    std::memcpy(out + e0 + 2 * L, &a2, sizeof a2);
+    std::memcpy(out + e0 + 3 * L, &a3, sizeof a3);
+  }
+}
+
+// The saved maps, zero-padded by r on every side, into t.padded [n_sp][PH][PW].
+template <typename Acc>
+void pad_maps(const Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  const int P = s.P(), H = s.H, W = s.W, r = s.kernel / 2, PW = W + 2 * r, PH = H + 2 * r;
+  Acc* pad = t.padded.data();
+  std::fill(pad, pad + (long)s.n_spools * PH * PW, Acc(0));
+  for (int q = 0; q < s.n_spools; ++q)
+    for (int y = 0; y < H; ++y)
+      std::memcpy(pad + (long)q * PH * PW + (long)(y + r) * PW + r, sv.smaps + (long)q * P + (long)y * W,
+                  sizeof(Acc) * W);
+}
+
+// ---- spatial gate: Ms = sigmoid(conv([pool_k over C of z]) [+ mean_k pool_k]), z = x * scale_c (or x)
+
+// The maps of every requested pool, from the sums and maxima over the channels.
+template <typename Acc>
+void set_spatial_maps(const Acc* sum, const Acc* peak, Saved<Acc>& sv, const Spec& s) {
+  const int P = s.P();
+  const Acc inv_c = Acc(1) / Acc(s.C);
+  for (int q = 0; q < s.n_spools; ++q) {
+    Acc* map = sv.smaps + (long)q * P;
+    if (s.spools[q] == AVG) for (int p = 0; p < P; ++p) map[p] = sum[p] * inv_c;
+    else std::memcpy(map, peak, sizeof(Acc) * P);
+  }
+}
+
+// Both maps of z = x * scale_c (or x) in one pass: the mean and the maximum over the channels.
+template <typename Acc>
+void spatial_pools(const Acc* x, const Acc* scale_c, Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  const int C = s.C, P = s.P();
+  Acc* sum = t.vec_p.data();
+  Acc* peak = t.vec_p2.data();
+  for (int p = 0; p < P; ++p) { sum[p] = 0; peak[p] = -std::numeric_limits<Acc>::infinity(); }
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P;
+    const Acc sc = scale_c ? scale_c[c] : Acc(1);
+    for (int p = 0; p < P; ++p) {
+      Acc z = scale_c ? row[p] * sc : row[p];
+      sum[p] += z;
+      peak[p] = z > peak[p] ? z : peak[p];
+    }
+  }
+  set_spatial_maps(sum, peak, sv, s);
+}
+
+// The maps (sv.smaps) through the conv: Ms.
+template <typename Acc>
+void spatial_conv(const Params<Acc>& w, Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  const int P = s.P(), H = s.H, W = s.W, k = s.kernel, r = k / 2;
+  const int PW = W + 2 * r, PH = H + 2 * r;
+  // conv, zero padding r: logit[h][w] = sum_q sum_ij w[q][i][j] * map_q[h + i - r][w + j - r]. Computed on
+  // the padded width (rows of PW, the last 2r columns discarded), so each tap is one long contiguous loop.
+  pad_maps(sv, t, s);
+  const Acc* pad = t.padded.data();
+  const long span = (long)(H - 1) * PW + W;  // the wide plane up to the last valid output
+  Acc* wide = t.wide.data();
+  correlate(pad, (long)PH * PW, s.n_spools, w.conv, k, PW, span, wide);
+  Acc* logit = t.logit.data();
+  for (int y = 0; y < H; ++y) std::memcpy(logit + (long)y * W, wide + (long)y * PW, sizeof(Acc) * W);
+  if (s.residual) {  // improvement 2's shortcut: the mean of the pooled maps bypasses the conv
+    Acc inv = Acc(1) / Acc(s.n_spools);
+    for (int p = 0; p < P; ++p) {
+      Acc m = 0;
+      for (int q = 0; q < s.n_spools; ++q) m += sv.smaps[(long)q * P + p];
+      logit[p] += m * inv;
+    }
+  }
+  for (int p = 0; p < P; ++p) sv.ms[p] = logit[p];
+  sigmoid_all(sv.ms, P);
+}
+
+// d(loss)/d(Ms) -> the conv weight's gradient (added to grads) and d(loss)/d(map_q), in t.dmaps [n_sp][P].
+template <typename Acc>
+void spatial_backward_conv(const Acc* d_ms, const Params<Acc>& w, const Saved<Acc>& sv, Params<Acc>& grads,
+                           Scratch<Acc>& t, const Spec& s) {
+  const int P = s.P(), H = s.H, W = s.W, k = s.kernel, r = k / 2;
+  const int PW = W + 2 * r, PH = H + 2 * r;
+  Acc* dlogit = t.logit.data();
+  for (int p = 0; p < P; ++p) dlogit[p] = d_ms[p] * sv.ms[p] * (Acc(1) - sv.ms[p]);
+  // Weights: gw[q][i][j] = sum over outputs of map_q[y + i - r][x + j - r] * dlogit[y][x], on the padded
+  // width (dlogit in rows of PW, zero in the discarded columns).
+  const long span = (long)(H - 1) * PW + W;
+  Acc* wide = t.wide.data();
+  std::fill(wide, wide + span + SLACK, Acc(0));
+  for (int y = 0; y < H; ++y) std::memcpy(wide + (long)y * PW, dlogit + (long)y * W, sizeof(Acc) * W);
+  const Acc* pad = t.padded.data();  // the padded maps (pad_maps)
+  for (int q = 0; q < s.n_spools; ++q)
+    for (int i = 0; i < k; ++i)
+      for (int j = 0; j < k; ++j)
+        grads.conv[((long)q * k + i) * k + j] += sum_of(pad + (long)q * PH * PW + (long)i * PW + j, (const Acc*)wide, (int)span);
+  // Maps: the correlation of dlogit, zero-padded by r, with the flipped kernel of each map.
+  Acc* dpad = t.dpadded.data();
+  std::fill(dpad, dpad + (long)PH * PW + SLACK, Acc(0));
+  for (int y = 0; y < H; ++y) std::memcpy(dpad + (long)(y + r) * PW + r, dlogit + (long)y * W, sizeof(Acc) * W);
+  Acc* flipped = t.flipped.data();
+  Acc inv = Acc(1) / Acc(s.n_spools);
+  for (int q = 0; q < s.n_spools; ++q) {
+    for (int i = 0; i < k; ++i)
+      for (int j = 0; j < k; ++j) flipped[(long)i * k + j] = w.conv[((long)q * k + (k - 1 - i)) * k + (k - 1 - j)];
+    correlate(dpad, 0, 1, flipped, k, PW, span, wide);
+    Acc* dmap = t.dmaps.data() + (long)q * P;
+    for (int y = 0; y < H; ++y) std::memcpy(dmap + (long)y * W, wide + (long)y * PW, sizeof(Acc) * W);
+    if (s.residual) for (int p = 0; p < P; ++p) dmap[p] += dlogit[p] * inv;
+  }
+}
+
+// d(map_q) (t.dmaps) -> d(z) added into dz [C][P], z = x * scale_c (or x). The max over channels gives its
+// gradient to every tied maximum in equal parts, as amax's backward.
+template <typename Acc>
+void spatial_backward_pools(Acc* dz, const Acc* x, const Acc* scale_c, const Saved<Acc>& sv, Scratch<Acc>& t,
+                            const Spec& s) {
+  const int C = s.C, P = s.P();
+  const Acc inv_c = Acc(1) / Acc(C);
+  for (int q = 0; q < s.n_spools; ++q) {
+    const Acc* dmap = t.dmaps.data() + (long)q * P;
+    if (s.spools[q] == AVG) {
+      for (int c = 0; c < C; ++c) {
+        Acc* row = dz + (long)c * P;
+        for (int p = 0; p < P; ++p) row[p] += dmap[p] * inv_c;
+      }
+    } else {
+      const Acc* peak = sv.smaps + (long)q * P;
+      int* ties = t.ties.data();
+      for (int p = 0; p < P; ++p) ties[p] = 0;
+      for (int c = 0; c < C; ++c) {
+        const Acc* row = x + (long)c * P;
+        Acc sc = scale_c ? scale_c[c] : Acc(1);
+        for (int p = 0; p < P; ++p) {
+          Acc z = scale_c ? row[p] * sc : row[p];
+          ties[p] += z == peak[p];
+        }
+      }
+      Acc* share = t.vec_p2.data();
+      for (int p = 0; p < P; ++p) share[p] = ties[p] ? dmap[p] / Acc(ties[p]) : Acc(0);
+      for (int c = 0; c < C; ++c) {
+        const Acc* row = x + (long)c * P;
+        Acc* drow = dz + (long)c * P;
+        Acc sc = scale_c ? scale_c[c] : Acc(1);
+        for (int p = 0; p < P; ++p) {
+          Acc z = scale_c ? row[p] * sc : row[p];
+          if (z == peak[p]) drow[p] += share[p];
+        }
+      }
+    }
+  }
+}
+
+// ---- the whole gate, one sample
+
+// Every gate's pools of x itself (parallel arrangement, or one gate), in one pass over it.
+template <typename Acc>
+void pools_of_x(const Acc* x, Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  if (!s.spatial()) return channel_pools(x, (const Acc*)nullptr, sv, s);
+  if (!s.channel()) return spatial_pools(x, (const Acc*)nullptr, sv, t, s);
+  constexpr int L = LANES<Acc>;
+  const int C = s.C, P = s.P();
+  Acc* colsum = t.vec_p.data();
+  Acc* colmax = t.vec_p2.data();
+  for (int p = 0; p < P; ++p) { colsum[p] = 0; colmax[p] = -std::numeric_limits<Acc>::infinity(); }
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P;
+    vec_t<Acc> total = {}, best, at = {}, pos;
+    for (int l = 0; l < L; ++l) { best[l] = -std::numeric_limits<Acc>::infinity(); pos[l] = Acc(l); }
+    int i = 0;
+    for (; i + L <= P; i += L, pos += Acc(L)) {
+      vec_t<Acc> v = load_vec(row + i), cs = load_vec(colsum + i), cm = load_vec(colmax + i);
+      total += v;
+      auto more = v > best;
+      best = more ? v : best;
+      at = more ? pos : at;
+      cs += v;
+      cm = v > cm ? v : cm;
+      std::memcpy(colsum + i, &cs, sizeof cs);
+      std::memcpy(colmax + i, &cm, sizeof cm);
+    }
+    Acc sum = 0, peak = -std::numeric_limits<Acc>::infinity();
+    int first = P;
+    for (int l = 0; l < L; ++l) {
+      sum += total[l];
+      if (best[l] > peak) { peak = best[l]; first = (int)at[l]; }
+      else if (best[l] == peak && (int)at[l] < first) first = (int)at[l];
+    }
+    for (; i < P; ++i) {
+      sum += row[i];
+      if (row[i] > peak) { peak = row[i]; first = i; }
+      colsum[i] += row[i];
+      colmax[i] = row[i] > colmax[i] ? row[i] : colmax[i];
+    }
+    sv.argmax[c] = first < P ? first : 0;
+    set_channel_pools(c, sum, peak, sv, s);
+  }
+  set_spatial_maps(colsum, colmax, sv, s);
+}
+
+// The gates of one sample, from its canonical [C][P] values: Mc, Ms and what backward needs, into sv.
+template <typename Acc>
+void gates_forward(const Acc* x, const Params<Acc>& w, Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
+  switch (s.arrangement) {
+    case CHANNEL_SPATIAL:  // Mc from x, Ms from x * Mc
+      channel_pools(x, (const Acc*)nullptr, sv, s);
+      channel_mlp(w, sv, t, s);
+      spatial_pools(x, sv.mc, sv, t, s);
+      spatial_conv(w, sv, t, s);
+      break;
+    case SPATIAL_CHANNEL:  // Ms from x, Mc from x * Ms
+      spatial_pools(x, (const Acc*)nullptr, sv, t, s);
+      spatial_conv(w, sv, t, s);
+      channel_pools(x, sv.ms, sv, s);
+      channel_mlp(w, sv, t, s);
+      break;
+    default:  // every gate from x
+      pools_of_x(x, sv, t, s);
+      if (s.channel()) channel_mlp(w, sv, t, s);
+      if (s.spatial()) spatial_conv(w, sv, t, s);
+  }
+}
+
+// out = x gated, read from and written to the sample's own memory layout (the input was read moments ago:
+// it is in cache, and no canonical copy of the output is made).
+template <typename T, typename Acc>
+void write_output(const T* src, T* dst, const Saved<Acc>& sv, const Spec& s) {
+  const int C = s.C, P = s.P(), a = s.arrangement;
+  // Gate factors as Mc[c] * Ms[p] + add[c] + add_p[p]: the one loop below serves every arrangement.
+  // channel-spatial / spatial-channel: Mc Ms; parallel: 1 + Mc + Ms (improvement 5); one gate: Mc or Ms.
+  const bool both = a == CHANNEL_SPATIAL || a == SPATIAL_CHANNEL;
+  auto mul_c = [&](int c) { return a == CHANNEL_ONLY || both ? sv.mc[c] : Acc(a == PARALLEL ? 1 : 0); };
+  auto add_c = [&](int c) { return a == PARALLEL ? Acc(1) + sv.mc[c] : Acc(0); };
+  const Acc* ms = s.spatial() ? sv.ms : nullptr;
+  if (s.channels_last) {
+    Acc* mul = (Acc*)__builtin_alloca(sizeof(Acc) * C);
+    Acc* add = (Acc*)__builtin_alloca(sizeof(Acc) * C);
+    for (int c = 0; c < C; ++c) { mul[c] = mul_c(c); add[c] = add_c(c); }
+    for (int p = 0; p < P; ++p) {
+      const T* in = src + (long)p * C;
+      T* out = dst + (long)p * C;
+      const Acc m = ms ? ms[p] : Acc(1);
+      if (a == SPATIAL_ONLY)
+        for (int c = 0; c < C; ++c) Elem<T, Acc>::store(out, c, Elem<T, Acc>::load(in, c) * m);
+      else
+        for (int c = 0; c < C; ++c) Elem<T, Acc>::store(out, c, Elem<T, Acc>::load(in, c) * (mul[c] * m + add[c]));
+    }
+  } else {
+    for (int c = 0; c < C; ++c) {
+      const T* in = src + (long)c * P;
+      T* out = dst + (long)c * P;
+      const Acc mul = mul_c(c), add = add_c(c);
+      if (a == CHANNEL_ONLY)
+        for (int p = 0; p < P; ++p) Elem<T, Acc>::store(out, p, Elem<T, Acc>::load(in, p) * mul);
+      else if (a == SPATIAL_ONLY)
+        for (int p = 0; p < P; ++p) Elem<T, Acc>::store(out, p, Elem<T, Acc>::load(in, p) * ms[p]);
+      else
+        for (int p = 0; p < P; ++p) Elem<T, Acc>::store(out, p, Elem<T, Acc>::load(in, p) * (mul * ms[p] + add));
+    }
+  }
+}
+
+// What the spatial pools' backward needs per position, from d(loss)/d(maps) (t.dmaps) and the ties of
+// each maximum (t.ties): the mean's share of each channel (avg), and the maximum's share of each tied
+// channel (amax's backward: split evenly), into t.vec_p and t.vec_p2.
+template <typename Acc>
+void spatial_pool_shares(Scratch<Acc>& t, const Spec& s) {
+  const int P = s.P(), avg = s.spool_index(AVG), max = s.spool_index(MAX);
+  Acc* share_avg = t.vec_p.data();
+  Acc* share_max = t.vec_p2.data();
+  const Acc inv_c = Acc(1) / Acc(s.C);
+  for (int p = 0; p < P; ++p) {
+    share_avg[p] = avg >= 0 ? t.dmaps[(long)avg * P + p] * inv_c : Acc(0);
+    share_max[p] = max >= 0 && t.ties[p] ? t.dmaps[(long)max * P + p] / Acc(t.ties[p]) : Acc(0);
+  }
+}
+
+// out = y * Ms, y = x * Mc, Ms = SG(y), Mc = CG(x): two passes over (x, g) and one over dx.
+template <typename Acc>
+void backward_channel_spatial(const Acc* x, const Acc* g, Acc* dx, const Params<Acc>& w, const Saved<Acc>& sv,
+                              Params<Acc>& grads, Scratch<Acc>& t, const Spec& s) {
+  constexpr int L = LANES<Acc>;
+  const int C = s.C, P = s.P(), max = s.spool_index(MAX);
+  const Acc* peak = max >= 0 ? sv.smaps + (long)max * P : nullptr;
+  Acc* d_ms = t.vec_p.data();
+  int* ties = t.ties.data();
+  for (int p = 0; p < P; ++p) { d_ms[p] = 0; ties[p] = 0; }
+  // 1: d(loss)/d(Ms) = sum_c g * y, and how many channels hold each spatial maximum
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P; const Acc* grow = g + (long)c * P; const Acc mc = sv.mc[c];
+    for (int p = 0; p < P; ++p) {
+      Acc y = row[p] * mc;
+      d_ms[p] += grow[p] * y;
+      if (peak) ties[p] += y == peak[p];
+    }
+  }
+  spatial_backward_conv(d_ms, w, sv, grads, t, s);
+  spatial_pool_shares(t, s);
+  const Acc* share_avg = t.vec_p.data();
+  const Acc* share_max = t.vec_p2.data();
+  // 2: dy = g * Ms + the spatial pools' gradient; d(loss)/d(Mc) = sum_p dy * x; dx = dy * Mc
+  Acc* d_mc = t.vec_c.data();
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P; const Acc* grow = g + (long)c * P; Acc* drow = dx + (long)c * P;
+    const Acc mc = sv.mc[c];
+    vec_t<Acc> acc = {};
+    int p = 0;
+    for (; p + L <= P; p += L) {
+      vec_t<Acc> xv = load_vec(row + p), y = xv * mc;
+      vec_t<Acc> dy = load_vec(grow + p) * load_vec(sv.ms + p) + load_vec(share_avg + p);
+      if (peak) dy += y == load_vec(peak + p) ? load_vec(share_max + p) : vec_t<Acc>{};
+      acc += dy * xv;
+      vec_t<Acc> out = dy * mc;
+      std::memcpy(drow + p, &out, sizeof out);
+    }
+    Acc tail = 0;
+    for (; p < P; ++p) {
+      Acc y = row[p] * mc;
+      Acc dy = grow[p] * sv.ms[p] + share_avg[p] + (peak && y == peak[p] ? share_max[p] : Acc(0));
+      tail += dy * row[p];
+      drow[p] = dy * mc;
+    }
+    Acc sum = tail;
+    for (int l = 0; l < L; ++l) sum += acc[l];
+    d_mc[c] = sum;
+  }
+  channel_backward_mlp(d_mc, w, sv, grads, t, s);
+  channel_backward_pools(dx, sv, t, s);  // 3: the channel pools' gradient, of x
+}
+
+// out = z * Mc, z = x * Ms, Mc = CG(z), Ms = SG(x): the arrangement the paper found worse, op by op.
+template <typename Acc>
+void backward_spatial_channel(const Acc* x, Acc* g, Acc* dx, const Params<Acc>& w, const Saved<Acc>& sv,
+                              Params<Acc>& grads, Scratch<Acc>& t, const Spec& s) {
+  const int C = s.C, P = s.P();
+  Acc* d_mc = t.vec_c.data();
+  for (int c = 0; c < C; ++c) d_mc[c] = sum_of(g + (long)c * P, x + (long)c * P, P, sv.ms);
+  channel_backward_mlp(d_mc, w, sv, grads, t, s);
+  for (int c = 0; c < C; ++c) { Acc* grow = g + (long)c * P; Acc mc = sv.mc[c]; for (int p = 0; p < P; ++p) grow[p] *= mc; }
+  channel_backward_pools(g, sv, t, s);  // dz = g * Mc + the channel pools' gradient (of z), in g
+  Acc* d_ms = t.vec_p.data();
+  for (int p = 0; p < P; ++p) d_ms[p] = 0;
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P; const Acc* grow = g + (long)c * P; Acc* drow = dx + (long)c * P;
+    for (int p = 0; p < P; ++p) { d_ms[p] += grow[p] * row[p]; drow[p] = grow[p] * sv.ms[p]; }
+  }
+  spatial_backward_conv(d_ms, w, sv, grads, t, s);
+  spatial_backward_pools(dx, x, (const Acc*)nullptr, sv, t, s);
+}
+
+// Parallel (out = x + x * Mc + x * Ms) or one gate: every gate sees x itself. One pass over (x, g) for the
+// gates' gradients, one writing dx.
+template <typename Acc>
+void backward_from_x(const Acc* x, const Acc* g, Acc* dx, const Params<Acc>& w, const Saved<Acc>& sv,
+                     Params<Acc>& grads, Scratch<Acc>& t, const Spec& s) {
+  constexpr int L = LANES<Acc>;
+  const int C = s.C, P = s.P(), max = s.spool_index(MAX);
+  const bool channel = s.channel(), spatial = s.spatial();
+  const Acc* peak = spatial && max >= 0 ? sv.smaps + (long)max * P : nullptr;
+  Acc* d_mc = t.vec_c.data();
+  Acc* d_ms = t.vec_p.data();
+  int* ties = t.ties.data();
+  for (int p = 0; p < P; ++p) { d_ms[p] = 0; ties[p] = 0; }
+  // 1: d(loss)/d(Mc) = sum_p g * x, d(loss)/d(Ms) = sum_c g * x, the ties of each spatial maximum
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P; const Acc* grow = g + (long)c * P;
+    if (channel) d_mc[c] = sum_of(grow, row, P);
+    if (spatial)
+      for (int p = 0; p < P; ++p) {
+        d_ms[p] += grow[p] * row[p];
+        if (peak) ties[p] += row[p] == peak[p];
+      }
+  }
+  if (channel) channel_backward_mlp(d_mc, w, sv, grads, t, s);
+  if (spatial) {
+    spatial_backward_conv(d_ms, w, sv, grads, t, s);
+    spatial_pool_shares(t, s);
+  }
+  const Acc* share_avg = t.vec_p.data();
+  const Acc* share_max = t.vec_p2.data();
+  const int cavg = s.cpool_index(AVG);
+  // 2: dx = g * (1 + Mc + Ms | Mc | Ms) + the pools' gradients (the channel max's at its argmax, below)
+  for (int c = 0; c < C; ++c) {
+    const Acc* row = x + (long)c * P; const Acc* grow = g + (long)c * P; Acc* drow = dx + (long)c * P;
+    const Acc mc = channel ? sv.mc[c] : Acc(0);
+    const Acc add_c = channel && cavg >= 0 ? t.dv[(long)cavg * C + c] / Acc(P) : Acc(0);
+    int p = 0;
+    for (; p + L <= P; p += L) {
+      vec_t<Acc> gv = load_vec(grow + p), out;
+      if (s.arrangement == PARALLEL) out = gv + gv * mc + gv * load_vec(sv.ms + p);
+      else if (s.arrangement == CHANNEL_ONLY) out = gv * mc;
+      else out = gv * load_vec(sv.ms + p);
+      out += add_c;
+      if (spatial) {
+        out += load_vec(share_avg + p);
+        if (peak) out += load_vec(row + p) == load_vec(peak + p) ? load_vec(share_max + p) : vec_t<Acc>{};
+      }
+      std::memcpy(drow + p, &out, sizeof out);
+    }
+    for (; p < P; ++p) {
+      Acc gp = grow[p], out;
+      if (s.arrangement == PARALLEL) out = gp + gp * mc + gp * sv.ms[p];
+      else if (s.arrangement == CHANNEL_ONLY) out = gp * mc;
+      else out = gp * sv.ms[p];
+      out += add_c;
+      if (spatial) out += share_avg[p] + (peak && row[p] == peak[p] ? share_max[p] : Acc(0));
+      drow[p] = out;
+    }
+  }
+  const int cmax = s.cpool_index(MAX);
+  if (channel && cmax >= 0)
+    for (int c = 0; c < C; ++c) dx[(long)c * P + sv.argmax[c]] += t.dv[(long)cmax * C + c];  // the first maximum
+}
+
+// g: the output's gradient [C][P] (spatial-channel uses it as scratch); dx: [C][P].
+template <typename Acc>
+void backward_sample(const Acc* x, Acc* g, Acc* dx, const Params<Acc>& w, const Saved<Acc>& sv, Params<Acc>& grads,
+                     Scratch<Acc>& t, const Spec& s) {
+  if (s.spatial()) pad_maps(sv, t, s);
+  if (s.arrangement == CHANNEL_SPATIAL) backward_channel_spatial(x, g, dx, w, sv, grads, t, s);
+  else if (s.arrangement == SPATIAL_CHANNEL) backward_spatial_channel(x, g, dx, w, sv, grads, t, s);
+  else backward_from_x(x, g, dx, w, sv, grads, t, s);
+}
+
+// A float32 (float64) NCHW sample is its own canonical buffer: no copy.
+template <typename T, typename Acc>
+constexpr bool in_place(const Spec& s) { return std::is_same<T, Acc>::value && !s.channels_last; }
+
+template <typename T, typename Acc>
+void forward(const T* x, T* out, Acc** params, Acc* saved, int32_t* argmax, const Spec& s) {
+  const long CP = (long)s.C * s.P();
+  const long S = s.saved_size();
+  Params<Acc> w(params, s);
+#pragma omp parallel
+  {
+    Scratch<Acc>& t = Scratch<Acc>::for_this_thread(s);
+#pragma omp for schedule(static)
+    for (int n = 0; n < s.N; ++n) {
+      Saved<Acc> sv(saved + n * S, argmax + (long)n * s.C, s);
+      const Acc* canonical = t.x.data();
+      if (in_place<T, Acc>(s)) canonical = reinterpret_cast<const Acc*>(x + n * CP);
+      else load_sample<T, Acc>(x + n * CP, t.x.data(), s);
+      gates_forward(canonical, w, sv, t, s);
+      write_output<T, Acc>(x + n * CP, out + n * CP, sv, s);
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void backward(const T* grad_out, const T* x, T* grad_x, Acc** params, Acc** grad_params, const Acc* saved,
+              const int32_t* argmax, const Spec& s) {
+  const long CP = (long)s.C * s.P();
+  const long S = s.saved_size();
+  Params<Acc> w(params, s);
+  std::vector<long> sizes = param_sizes(s);
+  long total = 0;
+  for (long z : sizes) total += z;
+  const int threads = omp_get_max_threads();
+  // One gradient buffer per thread, each thread a fixed block of samples, summed in thread order:
+  // the same numbers on every run with the same thread count.
+  std::vector<Acc> partial((long)threads * total, Acc(0));
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<Acc*> mine;
+    Acc* base = partial.data() + (long)tid * total;
+    for (long z : sizes) { mine.push_back(base); base += z; }
+    Params<Acc> grads(mine.data(), s);
+    Scratch<Acc>& t = Scratch<Acc>::for_this_thread(s);
+    const int lo = (int)((long)s.N * tid / nt), hi = (int)((long)s.N * (tid + 1) / nt);
+    for (int n = lo; n < hi; ++n) {
+      Saved<Acc> sv(const_cast<Acc*>(saved + n * S), const_cast<int32_t*>(argmax + (long)n * s.C), s);
+      const Acc* canonical = t.x.data();
+      if (in_place<T, Acc>(s)) canonical = reinterpret_cast<const Acc*>(x + n * CP);
+      else load_sample<T, Acc>(x + n * CP, t.x.data(), s);
+      // spatial-channel works in its copy of g; the other arrangements only read it
+      Acc* g = t.g.data();
+      if (in_place<T, Acc>(s) && s.arrangement != SPATIAL_CHANNEL) g = const_cast<Acc*>(reinterpret_cast<const Acc*>(grad_out + n * CP));
+      else load_sample<T, Acc>(grad_out + n * CP, g, s);
+      if (in_place<T, Acc>(s)) {
+        backward_sample(canonical, g, reinterpret_cast<Acc*>(grad_x + n * CP), w, sv, grads, t, s);
+      } else {
+        backward_sample(canonical, g, t.d.data(), w, sv, grads, t, s);
+        store_sample<T, Acc>(t.d.data(), grad_x + n * CP, s);
+      }
+    }
+  }
+  long offset = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    for (long e = 0; e < sizes[i]; ++e) {
+      Acc sum = 0;
+      for (int th = 0; th < threads; ++th) sum += partial[(long)th * total + offset + e];
+      grad_params[i][e] = sum;
+    }
+    offset += sizes[i];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+long cbam_saved_size(const int32_t* spec, int N, int C, int H, int W) {
+  return read_spec(spec, N, C, H, W, 0).saved_size();
+}
+
+int cbam_forward(int dtype, int channels_last, const void* x, void* out, void** params, void* saved,
+                 int32_t* argmax, const int32_t* spec, int N, int C, int H, int W) {
+  Spec s = read_spec(spec, N, C, H, W, channels_last);
+  switch (dtype) {
+    case F32: forward<float, float>((const float*)x, (float*)out, (float**)params, (float*)saved, argmax, s); return 0;
+    case F64: forward<double, double>((const double*)x, (double*)out, (double**)params, (double*)saved, argmax, s); return 0;
+    case BF16: forward<uint16_t, float>((const uint16_t*)x, (uint16_t*)out, (float**)params, (float*)saved, argmax, s); return 0;
+  }
+  return 1;
+}
+
+int cbam_backward(int dtype, int channels_last, const void* grad_out, const void* x, void* grad_x, void** params,
+                  void** grad_params, const void* saved, const int32_t* argmax, const int32_t* spec, int N, int C,
+                  int H, int W) {
+  Spec s = read_spec(spec, N, C, H, W, channels_last);
+  switch (dtype) {
+    case F32:
+      backward<float, float>((const float*)grad_out, (const float*)x, (float*)grad_x, (float**)params,
+                             (float**)grad_params, (const float*)saved, argmax, s);
+      return 0;
+    case F64:
+      backward<double, double>((const double*)grad_out, (const double*)x, (double*)grad_x, (double**)params,
+                               (double**)grad_params, (const double*)saved, argmax, s);
+      return 0;
+    case BF16:
+      backward<uint16_t, float>((const uint16_t*)grad_out, (const uint16_t*)x, (uint16_t*)grad_x, (float**)params,
+                                (float**)grad_params, (const float*)saved, argmax, s);
+      return 0;
+  }
+  return 1;
+}
+}

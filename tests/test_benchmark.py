@@ -1,0 +1,76 @@
+"""scripts/benchmark.py at toy size: every section, modes, ratios with their per-repeat range, CSV, bad input."""
+
+import csv
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+TOY = [
+    "data=synthetic", "data.image_size=16", "batch_size=8", "variants=[none,cbam]", "steps=1", "warmup=1",
+    "repeats=2", "loader_batches=2",
+]  # fmt: skip
+RATIO = r"\d+\.\d{3} \[\d+\.\d{3}–\d+\.\d{3}\]"  # median [low–high] of the per-repeat ratios
+
+
+def benchmark(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmark.py"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return benchmark(*TOY, "modes=[fp32,auto]", f"csv={out}"), out
+
+
+def test_every_variant_and_mode_gets_a_row_with_its_ratio_and_range(report):
+    result, _ = report
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| (none|cbam) \| (fp32|auto) \|", line)]
+    assert sorted(r.split("|")[1:3] for r in rows) == sorted(
+        [[" none ", " fp32 "], [" cbam ", " fp32 "], [" none ", " auto "], [" cbam ", " auto "]]
+    )
+    for row in rows:
+        assert len(re.findall(RATIO, row)) == 2, row  # train vs none, infer vs none
+    assert "`auto` = " in result.stdout and "`fp32` = fp32, NCHW, eager" in result.stdout
+    steps = [line for line in result.stdout.splitlines() if re.match(r"\| (fp32|auto) \| \d", line)]
+    assert len(steps) == 2 and all(re.search(RATIO, s) for s in steps)
+    assert "| memory (on the device) |" in result.stdout
+
+
+def test_the_targets_say_what_was_measured_and_how_often_it_held(report):
+    result, _ = report
+    targets = result.stdout.split("Targets:")[1]
+    assert re.search(rf"CBAM / none train ≥ 0.85 \(resnet20, eager fp32\): {RATIO} [✓✗] \(\d of 2 repeats", targets)
+    assert re.search(rf"CBAM / none train ≥ 0.9 \(resnet20, fastest mode for cbam: (fp32|auto)\): {RATIO}", targets)
+    assert targets.count("our step / bare loop ≥ 0.98") == 2
+    assert "in-memory loader ≥ 20x" in targets
+
+
+def test_csv_has_the_tables_numbers(report):
+    _, out = report
+    with (out / "variants.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["attention"], r["mode"]) for r in rows] == [("none", "fp32"), ("cbam", "fp32"), ("none", "auto"),
+                                                            ("cbam", "auto")]  # fmt: skip
+    assert all(float(r["train img/s"]) > 0 and float(r["train img/s (CPU time)"]) > 0 for r in rows)
+    assert float(rows[0]["train vs none"]) == 1.0 and 0 < float(rows[1]["train vs none"])
+    assert (out / "step.csv").exists() and (out / "loader.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["modes=[fp32+fast]"], "modes: 'fp32+fast' is not a mode: use <fp32|bf16|fp16|auto>[+cl][+compile]"),
+        (["modes=[fp32+compile]", "warmup=0"], "a +compile mode needs warmup >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = benchmark(*TOY, *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
