@@ -2,6 +2,7 @@
 
     python scripts/compare.py multirun/2026-11-25_18-00-00             # a sweep: writes <it>/compare/
     python scripts/compare.py run_a run_b run_c --baseline cbam --out report --no-wandb
+    python scripts/compare.py results/ablation_fmnist --finished-only --no-wandb --readme README.md  # README's table
 
 Writes comparison.md (also printed), comparison.csv, comparison.html and PNG plots to --out, and logs
 one W&B run (job_type "compare") in the runs' group. Exit status: 0 done, 2 bad input (one line on stderr).
@@ -33,6 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
     parser.add_argument(
+        "--finished-only", action="store_true",
+        help="compare the finished runs and name the others in a warning (a sweep still running); "
+        "without it, an unfinished run is an error",
+    )  # fmt: skip
+    parser.add_argument(
+        "--readme", type=Path,
+        help="also replace the table kept for these paths in this Markdown file: the block between "
+        "'<!-- compare.py PATHS -->' and '<!-- /compare.py -->' (how README.md's results are regenerated)",
+    )  # fmt: skip
+    parser.add_argument(
         "--wandb-mode",
         choices=["auto", "online", "offline"],
         default="auto",
@@ -52,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--margin {args.margin} must be a positive number of top-1 points, e.g. --margin 0.2")
         compare(
             args.paths, baseline=args.baseline, margin=args.margin, out=args.out,
-            wandb_mode=None if args.no_wandb else args.wandb_mode,
+            wandb_mode=None if args.no_wandb else args.wandb_mode, readme=args.readme,
+            finished_only=args.finished_only,
         )  # fmt: skip
     except ConfigError as e:
         log.error("error: %s", e)

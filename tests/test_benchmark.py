@@ -68,7 +68,7 @@ def test_csv_has_the_tables_numbers(report):
     "args, message",
     [
         (["modes=[fp32+fast]"], "modes: 'fp32+fast' is not a mode: use <fp32|bf16|fp16|auto>[+cl][+compile]"),
-        (["modes=[fp32+compile]", "warmup=0"], "a +compile mode needs warmup >= 1"),
+        pytest.param(["modes=[fp32+compile]", "warmup=0"], "a +compile mode needs warmup >= 1", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

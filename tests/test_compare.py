@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -21,9 +22,9 @@ from wandb_records import _payloads, read_run
 
 from cbam.report import holm, paired, welch
 from cbam.report import stats as ours
-from cbam.report.report import plans
+from cbam.report.report import README_END, README_START, build, plans, readme_block, readme_marker
 from cbam.report.runs import Run
-from cbam.report.table import summarize
+from cbam.report.table import csv_row, markdown_row, summarize
 
 SWEEP = [
     "data=synthetic", "data.source.train_size=256", "data.source.val_size=128", "data.batch_size=32",
@@ -141,12 +142,14 @@ def test_table_and_csv_match_the_runs_summaries(sweep, report):
     assert base["delta_vs_baseline"] == base["p_welch"] == ""  # the baseline is not tested against itself
     e = expected["cbam"]
     assert float(cbam["delta_vs_baseline"]) == pytest.approx(e["delta"])
-    if e["std"] + expected["none"]["std"] > 0:  # Welch's test is undefined for two constant samples
-        ci = e["test"].confidence_interval(0.95)
-        assert float(cbam["p_welch"]) == pytest.approx(e["test"].pvalue)
-        assert rows[1]["Δ vs baseline [95% CI]"] == f"{e['delta']:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
-        assert float(cbam["delta_ci95_low"]) == pytest.approx(ci.low)
-        assert float(cbam["delta_ci95_high"]) == pytest.approx(ci.high)
+    # Seeds 0 and 1 give different accuracies here, so Welch's test is defined; the constant case is
+    # test_constant_samples_give_na_not_a_number.
+    assert e["std"] > 0 and expected["none"]["std"] > 0
+    ci = e["test"].confidence_interval(0.95)
+    assert float(cbam["p_welch"]) == pytest.approx(e["test"].pvalue)
+    assert rows[1]["Δ vs baseline [95% CI]"] == f"{e['delta']:+.2f} [{ci.low:+.2f}, {ci.high:+.2f}]"
+    assert float(cbam["delta_ci95_low"]) == pytest.approx(ci.low)
+    assert float(cbam["delta_ci95_high"]) == pytest.approx(ci.high)
 
 
 def test_plots_are_pngs_and_the_html_embeds_them_with_the_table(sweep, report):
@@ -234,6 +237,18 @@ def test_welch_needs_two_values_per_side_and_some_variance():
     assert constant.diff == -1.0 and math.isnan(constant.p) and math.isnan(constant.ci_low)
 
 
+def test_constant_samples_give_na_not_a_number(tmp_path):
+    """Two variants each with the same accuracy at every seed: no test is defined, and the table says so."""
+    runs = [fake_run(v, s, top1, tmp_path) for v, top1 in (("none", 90.0), ("cbam", 91.0)) for s in range(3)]
+    none, cbam = summarize(runs, "none")
+    assert cbam.diff == pytest.approx(1.0) and math.isnan(cbam.welch.p) and math.isnan(cbam.paired.p)
+    row, values = markdown_row(cbam, 0.2), csv_row(cbam)
+    assert row["Δ vs baseline [95% CI]"] == "+1.00 [n/a]" and row["p (Welch)"] == row["p (paired)"] == "n/a"
+    assert row["val top-1 % (mean ± std)"] == "91.00 ± 0.00"
+    assert values["p_welch"] is values["delta_ci95_low"] is values["p_paired"] is None
+    assert values["delta_vs_baseline"] == pytest.approx(1.0) and values["verdict"] == "undecided"
+
+
 # ---- fairness and bad input ----
 
 
@@ -261,24 +276,30 @@ def other_dataset(copy: Path, runs: dict) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | {"data": "cifar10"}))
 
 
+def slow(*case):
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
+# Each case is a process start (~5 s): three in `make test`, the others in `make nightly`.
 @pytest.mark.parametrize(
     "change, args, message",
     [
         (None, ["NOPE"], "does not exist"),
-        (None, ["EMPTY"], "no run records found in"),
-        (None, ["EMPTY"], "a run dir holds summary.json, metrics.jsonl and config.yaml"),
+        slow(None, ["EMPTY"], "no run records found in"),
+        slow(None, ["EMPTY"], "a run dir holds summary.json, metrics.jsonl and config.yaml"),
         (no_summary, ["COPY"], "1 run(s) did not finish (no summary.json): "),
-        (no_summary, ["COPY"], "{none-s1}; resume them"),
-        (
+        slow(no_summary, ["COPY"], "{none-s1}; resume them"),
+        slow(
             other_dataset,
             ["COPY"],
             "different datasets (synthetic: {none-s0}, {none-s1}, {cbam-s1}; cifar10: {cbam-s0})",
         ),
-        (
+        slow(
             None,
             ["COPY", "--baseline", "cbam_parallel"],
             "the baseline variant 'cbam_parallel' is not among the runs (cbam, none)",
         ),
+        (None, ["COPY", "--readme", "NOTES"], "has no '<!-- compare.py "),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, change, args, message):
@@ -290,12 +311,57 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, change, args, message
     message = message.format_map(
         {f"{v}-s{seed}": str(copy / name) if change is no_summary else name for (v, seed), name in runs.items()}
     )
-    paths = {"NOPE": tmp_path / "nope", "EMPTY": tmp_path / "empty", "COPY": copy}
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes without a table marker\n")
+    paths = {"NOPE": tmp_path / "nope", "EMPTY": tmp_path / "empty", "COPY": copy, "NOTES": notes}
     result = run("scripts/compare.py", *[paths.get(a, a) for a in args], "--no-wandb", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (copy / "compare").exists() and result.stdout == ""
+    assert notes.read_text() == "# notes without a table marker\n"
+
+
+def test_finished_only_compares_a_sweep_still_running_and_names_what_it_leaves_out(sweep, tmp_path):
+    copy = copy_sweep(sweep, tmp_path / "sweep")
+    running = copy / runs_of(sweep)["cbam", 1]
+    (running / "summary.json").unlink()  # as a run still training has none yet
+    result = compare(copy, "--finished-only", "--no-wandb", cwd=tmp_path)
+    assert f"warning: leaving out 1 unfinished run(s): {running}" in result.stderr
+    assert "Compared 3 runs of 2 variants" in result.stdout
+    [cbam] = [r for r in csv.DictReader((copy / "compare" / "comparison.csv").open()) if r["variant"] == "cbam"]
+    assert cbam["seeds"] == "0"
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    """{the paths named in a README marker: the block below it}."""
+    pattern = f"^{re.escape(README_START)}([^\\n]+) -->\\n(.*?){re.escape(README_END)}"
+    return dict(re.findall(pattern, text, re.M | re.S))
+
+
+def test_readme_option_replaces_only_its_block(sweep, tmp_path):
+    readme = tmp_path / "README.md"
+    before, after = "# Results\n\nIntro.\n\n", "\nReading it: the text around the table stays.\n"
+    readme.write_text(f"{before}{readme_marker([sweep])}\nan old table\n{README_END}{after}")
+    compare(sweep, "--no-wandb", "--out", tmp_path / "out", "--readme", readme, cwd=tmp_path)
+    text = readme.read_text()
+    assert text.startswith(before + readme_marker([sweep]) + "\n") and text.endswith(README_END + after)
+    [block] = readme_blocks(text).values()
+    assert block == readme_block(build([sweep])) and "an old table" not in text
+    assert block.split("\n\n")[1] in (tmp_path / "out" / "comparison.md").read_text()  # the table compare.py prints
+
+
+def test_the_readme_result_tables_are_what_compare_makes_of_the_committed_records(monkeypatch):
+    """README.md's published tables are regenerated from results/ by compare.py, never typed in."""
+    monkeypatch.chdir(ROOT)  # the marker's paths, and the plans' commands, are relative to the clone
+    blocks = readme_blocks((ROOT / "README.md").read_text())
+    assert "results/ablation_fmnist" in blocks
+    for paths, block in blocks.items():
+        regenerated = readme_block(build(paths.split(), finished_only=True))
+        assert block == regenerated, (
+            f"README.md's table for {paths} is not what its records give: "
+            f"python scripts/compare.py {paths} --finished-only --no-wandb --readme README.md"
+        )
 
 
 # ---- paired statistics, Holm, equivalence, planning

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 from conftest import ROOT
+from test_train import tree_digest
 from torch import nn
 from wandb_records import read_run
 
@@ -103,6 +104,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
         assert a["train/img_per_s"] > 0 and a["val/img_per_s"] > 0
 
 
+@pytest.mark.slow  # ~16 s: one more torchrun job
+def test_without_sync_bn_each_process_keeps_its_own_batch_statistics(runs, tmp_path):
+    train(*ARGS, "data.batch_size=16", "trainer.sync_bn=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+          launcher=TORCHRUN)  # fmt: skip
+    local, synced = rows(tmp_path / "run"), rows(ddp_dir(runs))
+    assert [r["step"] for r in local] == [r["step"] for r in synced]
+    # Statistics over 16 images instead of 32 move the losses off the synced run's (measured: 1e-4 apart,
+    # against 1e-7 between the synced run and one process), and the BatchNorm buffers with them.
+    assert local[0]["train/loss"] != pytest.approx(synced[0]["train/loss"], rel=1e-5)
+    assert local[-1]["train/loss"] == pytest.approx(synced[-1]["train/loss"], rel=0.05)
+    ours = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    theirs = torch.load(ddp_dir(runs) / "last.pt", weights_only=True)["model"]
+    assert not torch.allclose(ours["bn1.running_mean"], theirs["bn1.running_mean"], rtol=1e-5, atol=0)
+
+
 def test_a_stopped_torchrun_job_resumes_to_the_uninterrupted_metrics(runs, tmp_path):
     stopped = tmp_path / "stopped"
     log = tmp_path / "torchrun.log"
@@ -118,10 +134,22 @@ def test_a_stopped_torchrun_job_resumes_to_the_uninterrupted_metrics(runs, tmp_p
         proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
         proc.wait(timeout=120)
     output = log.read_text()
-    assert proc.returncode != 0 and "resume with resume=auto" in output, output[-3000:]
+    # torchrun re-raises the signal as its SignalException (exit 1) once the workers are done; they
+    # finished the step, rank 0 wrote last.pt and finished its W&B run as preempted (exit 75).
+    assert proc.returncode == 1 and "SignalException" in output, output[-3000:]
+    assert "resume with resume=auto" in output and read_run(stopped)["exit_code"] == 75
     assert not (stopped / "summary.json").exists()
     checkpoint = torch.load(stopped / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and 0 < checkpoint["meter"]["steps"] < 8 and checkpoint["world_size"] == 2
+
+    # Each process's share of an epoch depends on their number: one process may not resume it mid-epoch.
+    before = tree_digest(stopped)
+    single = subprocess.run([sys.executable, str(ROOT / "train.py"), *DDP, f"hydra.run.dir={stopped}", "resume=auto"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env(tmp_path / "tmp"))  # fmt: skip
+    errors = [line for line in single.stderr.splitlines() if "error" in line.lower()]
+    assert single.returncode == 2 and len(errors) == 1, single.stderr[-3000:]
+    assert "written mid-epoch by 2 process(es)" in errors[0] and "resume it with as many, not 1" in errors[0]
+    assert tree_digest(stopped) == before
 
     train(*DDP, f"hydra.run.dir={stopped}", "resume=auto", cwd=tmp_path, launcher=TORCHRUN)
     metrics = (*LOSSES, *ACCURACIES)

@@ -91,6 +91,7 @@ def test_every_experiment_runs_in_debug_mode_with_the_joblib_launcher(tmp_path):
     assert all(s["data"] == "synthetic" and s["epochs"] == 1 for s in summaries)
 
 
+@pytest.mark.slow  # ~20 s: submitit's own process per job
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(

@@ -197,26 +197,33 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
 # ---- bad input ----
 
 
+def slow(*case):
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
+# One case of each mechanism in `make test` (a preset Hydra cannot find, our own check, a checkpoint of
+# another variant, a file that is not a checkpoint, a constructor's rejection, an option pair refused);
+# the other cases of the same mechanisms in `make nightly`: each is a process start (~5 s).
 @pytest.mark.parametrize(
     "script, args, message",
     [
         ("train.py", ["attention=nope"], "Could not find 'attention/nope'"),
-        ("train.py", ["model=resnet19"], "Could not find 'model/resnet19'"),
-        ("train.py", ["data=mnist3d"], "Could not find 'data/mnist3d'"),
-        ("train.py", ["data=fashion_mnist", "data.source.root=/no/such/dir"], "/no/such/dir"),
+        slow("train.py", ["model=resnet19"], "Could not find 'model/resnet19'"),
+        slow("train.py", ["data=mnist3d"], "Could not find 'data/mnist3d'"),
+        slow("train.py", ["data=fashion_mnist", "data.source.root=/no/such/dir"], "/no/such/dir"),
         ("train.py", ["trainer.epochs=0"], "trainer.epochs=0 must be a positive integer"),
-        ("train.py", ["data.batch_size=-8"], "data.batch_size=-8 must be a positive integer"),
-        ("train.py", ["resume=/no/such/last.pt"], "/no/such/last.pt does not exist"),
+        slow("train.py", ["data.batch_size=-8"], "data.batch_size=-8 must be a positive integer"),
+        slow("train.py", ["resume=/no/such/last.pt"], "/no/such/last.pt does not exist"),
         ("train.py", ["resume=FINISHED/last.pt", "attention=cbam_deep_spatial"], "different model or attention"),
-        ("eval.py", ["checkpoint=FINISHED/last.pt", "batch_size=0"], "must be a positive integer"),
-        ("eval.py", ["checkpoint=/no/such/best.pt"], "/no/such/best.pt does not exist"),
+        slow("eval.py", ["checkpoint=FINISHED/last.pt", "batch_size=0"], "must be a positive integer"),
+        slow("eval.py", ["checkpoint=/no/such/best.pt"], "/no/such/best.pt does not exist"),
         ("eval.py", ["checkpoint=NOT_A_CHECKPOINT"], "is not a readable checkpoint"),
-        ("eval.py", [], "pass the checkpoint to evaluate"),
+        slow("eval.py", [], "pass the checkpoint to evaluate"),
         # what a library constructor rejects, named by the config key it came from
         ("train.py", ["optim.optimizer.lr=-1"], "optim.optimizer: SGD rejected the config (Invalid learning rate: -1"),
-        ("train.py", ["+attention.bogus=1"], "attention: ChannelSpatialAttention rejected the config"),
-        ("train.py", ["data.source.train_size=-5"], "data.source: cbam.data.sources.synthetic rejected the config"),
-        ("train.py", ["model.widths=[16,32,-64]"], "model: cbam.models.ResNet rejected the config"),
+        slow("train.py", ["+attention.bogus=1"], "attention: ChannelSpatialAttention rejected the config"),
+        slow("train.py", ["data.source.train_size=-5"], "data.source: cbam.data.sources.synthetic rejected the config"),
+        slow("train.py", ["model.widths=[16,32,-64]"], "model: cbam.models.ResNet rejected the config"),
         ("train.py", ["trainer.sync_bn=true", "trainer.compile=true"], "breaks its graph at every SyncBatchNorm"),
     ],
 )

@@ -94,10 +94,7 @@ class RunRecords:
                 )
             return None
         if resume == "auto":
-            if self.last.exists():
-                return self.last
-            log.info("resume=auto: no last.pt in %s, starting from scratch", self.dir)
-            return None
+            return self.last if self.last.exists() else None  # none yet: a fresh start
         return Path(resume)
 
     @contextmanager

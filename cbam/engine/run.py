@@ -168,6 +168,8 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
                     "resumed from %s at epoch %d, step %d of %d",
                     resume_path, run.state.epoch, run.state.meter.steps, len(run.train_loader),
                 )  # fmt: skip
+            elif cfg.resume == "auto":
+                log.info("resume=auto: no last.pt in %s, starting from scratch", records.dir)
             try:
                 return _train(cfg, context, run, records, end_of_run, resumed=checkpoint is not None)
             except CbamError as e:

@@ -1,10 +1,13 @@
 """`compare(paths)`: read finished runs, group them by variant, write the comparison to --out."""
 
 import logging
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cbam.errors import ConfigError
 
 from .fairness import IGNORED, Difference, config_differences
 from .render import html_table, markdown_table, render_html, write_csv
@@ -134,8 +137,10 @@ def _command(v: Variant, seeds: set) -> str:
     return "python train.py -m " + " ".join(shlex.quote(a) for a in args)
 
 
-def build(paths: Sequence[str | Path], baseline: str = "none", margin: float = 0.2) -> Comparison:
-    runs = load_runs(paths)
+def build(
+    paths: Sequence[str | Path], baseline: str = "none", margin: float = 0.2, finished_only: bool = False
+) -> Comparison:
+    runs = load_runs(paths, finished_only)
     data = common_dataset(runs)
     variants = summarize(runs, baseline, margin)
     return Comparison(runs, variants, baseline, data, config_differences(runs), margin, plans(variants))
@@ -182,6 +187,37 @@ Each command runs only the seeds missing for a decision at the observed variance
 """
 
 
+README_START, README_END = "<!-- compare.py ", "<!-- /compare.py -->"
+
+
+def readme_marker(paths: Sequence[str | Path]) -> str:
+    """The line above a comparison kept in a Markdown file: it names the paths it was made from."""
+    return f"{README_START}{' '.join(str(p) for p in paths)} -->"
+
+
+def readme_block(c: Comparison) -> str:
+    """What a Markdown file keeps of a comparison: what was compared, the table, the commands that decide."""
+    return f"{c.described()}\n\n{markdown_table(c.table_rows(), COLUMNS)}\n{_plans_section(c)}"
+
+
+def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> None:
+    """Replace the block between readme_marker(paths) and README_END in `readme` with this comparison."""
+    marker = readme_marker(paths)
+    text = readme.read_text() if readme.is_file() else ""
+    found = re.search(f"^{re.escape(marker)}\n", text, re.M)  # on a line of its own: not a mention in the text
+    start = found.start() if found else -1
+    end = text.find(README_END, start)
+    if start < 0 or end < 0:
+        raise ConfigError(
+            f"{readme} has no {marker!r} line with {README_END!r} below it: put the two where the table goes"
+        )
+    body = start + len(marker) + 1
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(text[:body] + readme_block(c) + text[end:])
+    tmp.replace(readme)  # the file is whole at every moment
+    log.info("table written to %s", readme)
+
+
 def default_out(paths: Sequence[str | Path]) -> Path:
     """<multirun dir>/compare for one multirun dir, else ./compare."""
     found = find_run_dirs(paths)
@@ -198,12 +234,16 @@ def compare(
     margin: float = 0.2,
     out: Path | None = None,
     wandb_mode: str | None = "auto",
+    readme: Path | None = None,
+    finished_only: bool = False,
 ) -> Comparison:
     """Write comparison.md/.csv/.html and the plots to `out` and print the Markdown; log to W&B unless
-    wandb_mode is None."""
+    wandb_mode is None; replace the table kept for these paths in `readme` when given."""
     from .plots import write_plots  # matplotlib: imported once the inputs are known to be good
 
-    c = build(paths, baseline, margin)
+    c = build(paths, baseline, margin, finished_only)
+    if readme is not None:
+        update_readme(Path(readme), paths, c)
     out = Path(out) if out is not None else default_out(paths)
     out.mkdir(parents=True, exist_ok=True)
     for d in c.differences:

@@ -1,11 +1,14 @@
 """Finding and reading finished runs: our own records (summary.json, metrics.jsonl, config.yaml), never W&B."""
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cbam.engine.records import WHAT_A_RUN_HOLDS, RunRecords
 from cbam.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,15 +56,22 @@ def _names(dirs: list[Path]) -> list[str]:
     return [f"{d.parent.name}/{d.name}" for d in dirs]
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Every run under `paths`; one ConfigError naming all runs that did not finish (no summary.json)."""
+def load_runs(paths: Sequence[str | Path], finished_only: bool = False) -> list[Run]:
+    """Every run under `paths`; one ConfigError naming all runs that did not finish (no summary.json), or
+    with `finished_only` (a sweep still running) a warning naming them, and the finished ones."""
     found = find_run_dirs(paths)
     unfinished = [str(d) for d, _ in found if not RunRecords(d).summary.exists()]
-    if unfinished:
+    if unfinished and not finished_only:
         raise ConfigError(
             f"{len(unfinished)} run(s) did not finish (no summary.json): {', '.join(unfinished)}; "
-            "resume them (train.py ... hydra.run.dir=<run dir> resume=auto) or pass only finished runs"
+            "resume them (train.py ... hydra.run.dir=<run dir> resume=auto), pass only finished runs, "
+            "or pass --finished-only"
         )
+    if unfinished:
+        log.warning("warning: leaving out %d unfinished run(s): %s", len(unfinished), ", ".join(unfinished))
+        found = [(d, sweep) for d, sweep in found if str(d) not in unfinished]
+        if not found:
+            raise ConfigError(f"no finished runs in {', '.join(map(str, paths))} yet")
     runs = []
     for (run_dir, sweep), name in zip(found, _names([d for d, _ in found]), strict=True):
         records = RunRecords(run_dir)

@@ -188,7 +188,11 @@ def _verdict(v: Variant, margin: float) -> str:
     if d.verdict == "equivalent":
         return f"equivalent (±{margin:g})"
     if d.verdict == "undecided":
-        return "undecided: " + (f"{d.seeds_needed} seeds" if d.seeds_needed else f"> {stats.MAX_SEEDS} seeds")
+        if d.seeds_needed:
+            return f"undecided: {d.seeds_needed} seeds"
+        tested = [t for t in (v.paired, v.welch) if t is not None and _finite(t.p) is not None]
+        # No spread yet (one run a side, or equal values): nothing to plan the seeds from.
+        return f"undecided: > {stats.MAX_SEEDS} seeds" if tested else "undecided: more seeds"
     return d.verdict
 
 

@@ -1,0 +1,162 @@
+"""The paths through a run that a user takes besides the straight one: each way of resuming, relaunching a
+finished run, best versus final epoch, the DataLoader, the file datasets, logger.mode=auto. In-process
+(train() from a composed config), tiny, each failing when its path is silently ignored."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import compose_config
+from test_data import cifar_images, write_image_folder, write_pickle
+from test_recipes import TINY
+from test_train import METRICS, rows, tree_digest
+
+from cbam import tracking
+from cbam.engine.checkpoint import load_checkpoint
+from cbam.engine.eval_checkpoint import evaluate_checkpoint
+from cbam.engine.run import RunContext, train
+from cbam.report.report import build
+
+# The LR stays 0.1 for the first epochs whatever trainer.epochs is, so a run resumed with more epochs
+# than it started with must match one that had them from the start.
+CONSTANT_LR = ["optim/scheduler=multistep", "optim.scheduler.milestones=[10]"]
+
+
+def train_in(run_dir, *overrides: str, attention: str = "cbam", data: str = "synthetic", context: dict | None = None):
+    # A file dataset keeps its own source and sizes.
+    tiny = [o for o in TINY if data == "synthetic" or not o.startswith(("data=", "data.source."))]
+    cfg = compose_config("train", *tiny, f"attention={attention}", *overrides)
+    choices = {"attention": attention, "model": "resnet20", "data": data}
+    return train(cfg, RunContext(run_dir=run_dir, choices=choices, **(context or {})))
+
+
+def metrics(run_dir) -> list[dict]:
+    return [{k: r[k] for k in ("epoch", *METRICS)} for r in rows(run_dir)]
+
+
+def evaluated(checkpoint) -> dict:
+    cfg = compose_config("eval", f"checkpoint={checkpoint}", "device=cpu", "wandb=false",
+                         f"output={checkpoint.parent / f'eval-{checkpoint.stem}.json'}")  # fmt: skip
+    return evaluate_checkpoint(cfg)
+
+
+def test_best_and_final_epochs_are_told_apart(tmp_path):
+    # From epoch 2 the LR is -0.1: gradient ascent, so the last epoch is worse than the best one.
+    summary = train_in(tmp_path / "run", "trainer.epochs=3", "optim/scheduler=multistep",
+                       "optim.scheduler.milestones=[2]", "optim.scheduler.gamma=-1")  # fmt: skip
+    history = rows(tmp_path / "run")
+    top1 = [r["val/top1"] for r in history]
+    best = max(range(3), key=top1.__getitem__)
+    assert best != 2 and top1[2] < top1[best], top1
+    assert (summary["best_epoch"], summary["best_val_top1"]) == (best, top1[best])
+    assert summary["final"] == {k: history[-1][k] for k in summary["final"]}
+    # best.pt holds the best epoch's weights, last.pt the final ones; each re-evaluates to its epoch's top-1.
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == best + 1
+    assert evaluated(tmp_path / "run" / "best.pt")["val/top1"] == top1[best]
+    assert evaluated(tmp_path / "run" / "last.pt")["val/top1"] == top1[2]
+    # The comparison uses the final epoch, never the best (which would pick an epoch on the test split).
+    [variant] = build([tmp_path / "run"], baseline="cbam").variants
+    assert variant.top1 == [top1[2]]
+
+
+def test_resume_auto_in_an_empty_dir_starts_from_scratch(tmp_path):
+    train_in(tmp_path / "plain")
+    train_in(tmp_path / "auto", "resume=auto")
+    assert metrics(tmp_path / "auto") == metrics(tmp_path / "plain")
+    assert "resume=auto: no last.pt" in (tmp_path / "auto" / "train.log").read_text()
+
+
+def test_resume_from_a_checkpoint_into_a_new_dir_continues_it_there(tmp_path):
+    train_in(tmp_path / "straight", "trainer.epochs=2", *CONSTANT_LR)
+    train_in(tmp_path / "first", "trainer.epochs=1", *CONSTANT_LR)
+    before = tree_digest(tmp_path / "first")
+    train_in(tmp_path / "second", f"resume={tmp_path / 'first' / 'last.pt'}", "trainer.epochs=2", *CONSTANT_LR)
+    assert metrics(tmp_path / "second") == metrics(tmp_path / "straight")[1:]  # epoch 1, as the straight run's
+    assert tree_digest(tmp_path / "first") == before  # the run resumed from is only read
+    log = (tmp_path / "second" / "train.log").read_text()
+    assert f"resumed from {tmp_path / 'first' / 'last.pt'} at epoch 1" in log
+
+
+def test_relaunching_a_finished_run_does_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train_in(run_dir)
+    before = tree_digest(run_dir)
+    assert train_in(run_dir, "resume=auto") == summary
+    assert train_in(run_dir, f"resume={run_dir / 'last.pt'}") == summary
+    # Its records alone (as committed under results/, no checkpoints) are a finished run too.
+    for name in ("last.pt", "best.pt"):
+        (run_dir / name).unlink()
+    before = {k: v for k, v in before.items() if not k.endswith(".pt")}
+    assert train_in(run_dir, "resume=auto") == summary
+    assert tree_digest(run_dir) == before
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_dataloader_trains_to_the_memory_loaders_metrics(tmp_path, workers):
+    # Without cropping both loaders give the same batches in the same order (with it, they draw the crops
+    # alike but not identically: tests/test_data.py), so a run must not tell them apart.
+    train_in(tmp_path / "memory", "data.loader=memory", "data.pad=0")
+    train_in(tmp_path / "torch", "data.loader=torch", "data.pad=0", f"data.num_workers={workers}")
+    assert metrics(tmp_path / "torch") == metrics(tmp_path / "memory")
+
+
+def test_cifar_trains_from_its_python_pickles(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar-10-batches-py"
+    for i in range(1, 6):
+        batch = {"data": cifar_images(16, rng), "labels": rng.integers(0, 10, 16).tolist()}
+        write_pickle(base / f"data_batch_{i}", batch)
+    write_pickle(base / "test_batch", {"data": cifar_images(20, rng), "labels": rng.integers(0, 10, 20).tolist()})
+    write_pickle(base / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    summary = train_in(tmp_path / "run", "data=cifar10", f"data.source.root={tmp_path}", "data.image_size=32",
+                       "data.eval_batch_size=8", data="cifar10")  # fmt: skip
+    [row] = rows(tmp_path / "run")
+    assert row["step"] == 80 // 32 and summary["data"] == "cifar10"
+    assert summary["final"]["val/top1"] in {100 * k / 20 for k in range(21)}  # over the 20 test images
+    assert len(summary["val_per_class_top1"]) == 10
+
+
+def test_imagenet_trains_from_an_image_folder(tmp_path):
+    write_image_folder(tmp_path, classes=("cat", "dog"), per_class=4)
+    summary = train_in(tmp_path / "run", "data=imagenet", f"data.source.root={tmp_path}", "data.num_classes=2",
+                       "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0",
+                       data="imagenet")  # fmt: skip
+    [row] = rows(tmp_path / "run")
+    assert row["step"] == 8 // 4 and summary["data"] == "imagenet" and summary["model"] == "resnet20"
+    assert summary["final"]["val/top1"] in {100 * k / 8 for k in range(9)}  # over the 8 val images
+    assert len(summary["val_per_class_top1"]) == 2
+
+
+def test_compare_groups_runs_by_preset_and_attention_overrides(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        train_in(sweep / f"cbam-s{seed}", f"seed={seed}")
+        train_in(sweep / f"k3-s{seed}", f"seed={seed}", "attention.spatial_kernel=3",
+                 context={"overrides": ["attention.spatial_kernel=3"]})  # fmt: skip
+    comparison = build([sweep], baseline="cbam")
+    assert {v.name: sorted(v.seeds) for v in comparison.variants} == {"cbam": [0, 1], "cbam+spatial_kernel=3": [0, 1]}
+    kernels = {json.loads((d / "summary.json").read_text())["variant"]: load_checkpoint(d / "last.pt")["config"]
+               ["attention"]["spatial_kernel"] for d in sweep.iterdir()}  # fmt: skip
+    assert kernels == {"cbam": 7, "cbam+spatial_kernel=3": 3}
+
+
+@pytest.mark.parametrize(
+    ("env", "netrc", "expected"),
+    [
+        ({"WANDB_MODE": "disabled"}, False, "disabled"),  # W&B's own setting wins
+        ({}, False, "offline"),  # no key anywhere
+        ({"WANDB_API_KEY": "k" * 40}, False, "online"),
+        ({}, True, "online"),  # the key `wandb login` writes to ~/.netrc
+    ],
+)
+def test_logger_mode_auto_goes_online_only_with_a_key(monkeypatch, tmp_path, env, netrc, expected):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if netrc:
+        (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+        (tmp_path / ".netrc").chmod(0o600)
+    assert tracking.resolve_mode("auto") == expected
+    assert tracking.resolve_mode("offline") == "offline"  # a mode given is kept
