@@ -3,6 +3,7 @@ is lost to a wrong override. Compiling is left to the GPU run (it takes minutes 
 
 import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -11,7 +12,8 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_every_command_in_its_dry_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}
+    # PYTHON: this interpreter (the venv's), which `python` on the PATH need not be.
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
     )
