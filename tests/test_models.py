@@ -85,31 +85,25 @@ def test_data_config_sets_channels_classes_and_small_image_stem():
     assert imagenet_model("resnet18", "none").conv1.kernel_size == (7, 7)
 
 
-def test_attention_sits_after_last_bn_before_the_addition():
-    model = build_model(compose_config("model_stats", "model=resnet20", "attention=cbam", "data=cifar10")).eval()
-    block = model.layer2[1]
+@pytest.mark.parametrize(
+    "model, block_name, last_bn, shape",
+    [("resnet20", "layer2.1", "bn2", (2, 32, 16, 16)),  # a basic block
+     ("resnet50", "layer3.2", "bn3", (2, 1024, 8, 8))],  # a bottleneck: after its third BN
+)  # fmt: skip
+def test_attention_sits_after_the_last_bn_before_the_addition(model, block_name, last_bn, shape):
+    if model == "resnet20":
+        net = build_model(compose_config("model_stats", "model=resnet20", "attention=cbam", "data=cifar10")).eval()
+    else:
+        net = imagenet_model(model, "cbam").eval()
+    block = net.get_submodule(block_name)  # identity shortcut: no downsampling here
     seen = {}
-    block.bn2.register_forward_hook(lambda m, i, o: seen.__setitem__("bn2", o.clone()))
+    getattr(block, last_bn).register_forward_hook(lambda m, i, o: seen.__setitem__("bn", o.clone()))
     block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0].clone()))
-    x = torch.randn(2, 32, 16, 16)
+    x = torch.randn(*shape)
     with torch.no_grad():
         out = block(x)
-        expected = torch.relu(block.attn(seen["bn2"]) + x)  # identity shortcut: no downsampling here
-    assert torch.equal(seen["attn_in"], seen["bn2"])
-    torch.testing.assert_close(out, expected)
-
-
-def test_attention_sits_after_the_third_bn_of_a_bottleneck_before_the_addition():
-    model = imagenet_model("resnet50", "cbam").eval()
-    block = model.layer3[2]  # identity shortcut
-    seen = {}
-    block.bn3.register_forward_hook(lambda m, i, o: seen.__setitem__("bn3", o.clone()))
-    block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0].clone()))
-    x = torch.randn(2, 1024, 8, 8)
-    with torch.no_grad():
-        out = block(x)
-        expected = torch.relu(block.attn(seen["bn3"]) + x)
-    assert torch.equal(seen["attn_in"], seen["bn3"]) and block.attn.channel.mlp[0].in_channels == 1024
+        expected = torch.relu(block.attn(seen["bn"]) + x)
+    assert torch.equal(seen["attn_in"], seen["bn"]) and block.attn.channel.mlp[0].in_channels == shape[1]
     torch.testing.assert_close(out, expected)
 
 
