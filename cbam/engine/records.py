@@ -29,8 +29,6 @@ from cbam.models import build_model
 
 from .checkpoint import load_checkpoint, load_model_state
 
-log = logging.getLogger(__name__)
-
 ROOT = Path(__file__).resolve().parents[2]
 WHAT_A_RUN_HOLDS = (
     "a run dir holds summary.json, metrics.jsonl and config.yaml (train.py writes them); "

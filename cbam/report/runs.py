@@ -59,8 +59,12 @@ def _names(dirs: list[Path]) -> list[str]:
 def load_runs(paths: Sequence[str | Path], finished_only: bool = False) -> list[Run]:
     """Every run under `paths`; one ConfigError naming all runs that did not finish (no summary.json), or
     with `finished_only` (a sweep still running) a warning naming them, and the finished ones."""
-    found = find_run_dirs(paths)
-    unfinished = [str(d) for d, _ in found if not RunRecords(d).summary.exists()]
+    found, unfinished = [], []
+    for run_dir, sweep in find_run_dirs(paths):
+        if RunRecords(run_dir).summary.exists():
+            found.append((run_dir, sweep))
+        else:
+            unfinished.append(str(run_dir))
     if unfinished and not finished_only:
         raise ConfigError(
             f"{len(unfinished)} run(s) did not finish (no summary.json): {', '.join(unfinished)}; "
@@ -69,7 +73,6 @@ def load_runs(paths: Sequence[str | Path], finished_only: bool = False) -> list[
         )
     if unfinished:
         log.warning("warning: leaving out %d unfinished run(s): %s", len(unfinished), ", ".join(unfinished))
-        found = [(d, sweep) for d, sweep in found if str(d) not in unfinished]
         if not found:
             raise ConfigError(f"no finished runs in {', '.join(map(str, paths))} yet")
     runs = []
