@@ -66,7 +66,7 @@ class ChannelSpatialAttention(nn.Module):
         if fused.kernel_available() and not self._observed():
             found = fused.spec_and_params(self)
             if found is not None and fused.supported(x, found[1]):
-                return fused.fused_attention(x, found[1], found[0])[0]
+                return fused.FusedAttention.apply(x, found[0], *found[1])
         return self.composite(x)
 
     def _observed(self) -> bool:
