@@ -344,15 +344,28 @@ def test_every_preset_in_every_mode_matches_the_float64_reference(variant, dtype
     """Values and every gradient, in float32 and bfloat16 (autocast, as training runs it), NCHW and NHWC, eager
     and through torch.compile (fullgraph: one graph, the fused op included; aot_eager traces forward and
     backward without codegen, so this stays fast on a CPU)."""
+    assert_matches_the_float64_reference(variant, 32, dtype, channels_last, compiled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [24, 48])
+def test_nhwc_samples_of_any_channel_count_match_the_float64_reference(channels, dtype):
+    """The kernel moves NHWC samples in blocks of 16 channels where the CPU has AVX-512 and C allows (48: three
+    blocks), element by element otherwise (24); 32 (above) is two blocks. The 9 x 7 maps leave a partial block
+    of positions."""
+    assert_matches_the_float64_reference("cbam", channels, dtype, True, False)
+
+
+def assert_matches_the_float64_reference(variant, channels, dtype, channels_last, compiled):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    module = make(variant, 32).train()
+    module = make(variant, channels).train()
     sd = randomize(module)
     module = module.float()
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
-    x64 = torch.randn(4, 32, 9, 7, dtype=torch.float64)
+    x64 = torch.randn(4, channels, 9, 7, dtype=torch.float64)
     x = x64.to(dtype)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     x.requires_grad_()
