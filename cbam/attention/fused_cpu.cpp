@@ -363,9 +363,20 @@ template <typename Acc> struct Saved {
   }
 };
 
+// Memory on 64-byte lines: rows of 16 floats then start on a cache line wherever the row length allows (the
+// NHWC blocks store whole rows of 16, and a store across two lines costs two).
+template <typename T> struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U> LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U> bool operator==(const LineAligned<U>&) const { return true; }
+};
+
 // Per-thread scratch, kept between calls (grown, never shrunk): allocating it per call cost page faults.
 template <typename Acc> struct Scratch {
-  std::vector<Acc> x, g, d, padded, dpadded, wide, flipped, vec_c, vec_p, vec_p2, dmaps, dv, logit;
+  std::vector<Acc, LineAligned<Acc>> x, g, d, padded, dpadded, wide, flipped, vec_c, vec_p, vec_p2, dmaps, dv, logit;
   std::vector<int> ties;
   static Scratch& for_this_thread(const Spec& s) {
     static thread_local Scratch t;
