@@ -141,7 +141,8 @@ inline void transpose16(__m512* r) {
 }
 #endif
 
-// A sample's tensor in its memory layout, as a canonical channel-major buffer [C][P] in Acc and back.
+// A sample's tensor in its memory layout, as a canonical channel-major buffer in Acc (C rows of P values,
+// s.R apart) and back.
 template <typename T, typename Acc>
 void load_sample(const T* src, Acc* dst, const Spec& s) {
   const int C = s.C, P = s.P();
