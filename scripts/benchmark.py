@@ -3,13 +3,15 @@
 1. per attention variant and mode: train and inference img/s, their ratio to `none` in that mode;
 2. our training step (`cbam.engine.loop.train_one_epoch`) against a bare PyTorch loop, in each mode;
 3. the in-memory loader against torchvision's DataLoader, each as a multiple of the model's train img/s;
+4. the attention op alone, per input shape the model gives it: forward and backward of the fused CPU kernel
+   and of the composite PyTorch path, in ms and in memory passes over the input (`op=false` skips it);
 
 then the README's targets, each with the measured value, the spread of its per-repeat values and whether
 it is met here.
 
     python scripts/benchmark.py                                   # CIFAR ResNet-20, 1x28x28: fp32, auto, auto+compile
     python scripts/benchmark.py variants=[none,cbam] modes=[fp32,auto] repeats=3   # a quick look
-    python scripts/benchmark.py csv=bench/                        # also variants.csv, step.csv, loader.csv
+    python scripts/benchmark.py csv=bench/                        # also variants.csv, step.csv, loader.csv, op.csv
     # GPU: ResNet-50 at 224 px and CIFAR ResNet-18 at 32 px, bf16 + channels_last, eager and compiled
     python scripts/benchmark.py model=resnet50 data=imagenet modes=[bf16+cl,bf16+cl+compile]
     python scripts/benchmark.py model=resnet18 data=cifar10 modes=[bf16+cl,bf16+cl+compile]
@@ -44,6 +46,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cbam.attention import ChannelSpatialAttention
 from cbam.cli import entry_point, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
@@ -65,6 +68,8 @@ VARIANT_COLUMNS = ["attention", "mode", "train img/s", "train img/s (CPU time)",
 VARIANT_COLUMNS += ["infer vs none", "train peak MiB"]
 STEP_COLUMNS = ["mode", "our step img/s", "bare loop img/s", "ours / bare"]
 LOADER_COLUMNS = ["loader", "workers", "batches", "img/s", "x model train img/s"]
+OP_COLUMNS = ["mode", "input", "blocks", "path", "forward ms", "backward ms", "fwd + bwd in passes", "ms per step"]
+OP_COLUMNS += ["time vs kernel"]
 CPU_MEMORY_NOTE = (
     "¹ Peak memory is measured on CUDA only (the caching allocator's peak per measurement); a CPU has no "
     "such counter, and the process's max RSS would mix every variant's."
@@ -442,6 +447,120 @@ def loader_section(cfg: DictConfig, bench: Bench, model_rate: float) -> tuple[li
     return rows, notes
 
 
+def attention_inputs(model: nn.Module, bench: Bench) -> dict[tuple, tuple[nn.Module, int]]:
+    """Each distinct input (shape, dtype) of the model's attention modules on the bench's batch: one module
+    that sees it, and how many do."""
+    found: dict[tuple, tuple[nn.Module, int]] = {}
+
+    def record(module, args):
+        key = (tuple(args[0].shape), args[0].dtype)
+        first, count = found.get(key, (module, 0))
+        found[key] = (first, count + 1)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, ChannelSpatialAttention)]
+    with torch.no_grad(), torch.autocast(**bench.autocast):
+        model(bench.x)
+    for hook in hooks:
+        hook.remove()
+    return found
+
+
+def op_seconds(run: Callable, x: torch.Tensor, bench: Bench) -> tuple[float, float]:
+    """Seconds per forward and per backward of `run(x)` (as training calls it: under the mode's autocast,
+    building the graph), each the mean over bench.steps calls after bench.warmup untimed ones."""
+    x = x.detach().requires_grad_()
+    with torch.autocast(**bench.autocast):
+        grad = torch.randn_like(run(x))
+    forward = backward = 0.0
+    for i in range(bench.warmup + bench.steps):
+        bench.sync()
+        start = time.perf_counter()
+        with torch.autocast(**bench.autocast):
+            out = run(x)
+        bench.sync()
+        middle = time.perf_counter()
+        out.backward(grad)
+        bench.sync()
+        if i >= bench.warmup:
+            forward, backward = forward + middle - start, backward + time.perf_counter() - middle
+    return forward / bench.steps, backward / bench.steps
+
+
+def pass_seconds(x: torch.Tensor, bench: Bench) -> float:
+    """One memory pass over x: a copy (a read and a write of it), per call."""
+    for _ in range(bench.warmup):
+        x.clone()
+    bench.sync()
+    start = time.perf_counter()
+    for _ in range(bench.steps):
+        x.clone()
+    bench.sync()
+    return (time.perf_counter() - start) / bench.steps
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One input of the attention op: a module of the model that sees it, and how many blocks do."""
+
+    bench: Bench
+    x: torch.Tensor
+    module: nn.Module
+    blocks: int
+
+
+def op_section(cfg: DictConfig, benches: list[Bench]) -> tuple[list[dict], list[str]]:
+    """The attention's op per input shape, eager (a compiled graph calls the same op), in each layout: the
+    fused kernel where it serves the input, and the composite path, in turn `repeats` times."""
+    layouts = list({b.mode.layout: b for b in benches if not b.mode.compile}.values())
+    if not layouts:
+        return [], ["Attention op section skipped: it times eager modes, and every mode here is compiled."]
+    cases = []
+    for bench in layouts:
+        model = build_model(cfg).to(bench.device).train()
+        if bench.mode.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        for (shape, dtype), (module, blocks) in attention_inputs(model, bench).items():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g).to(bench.device, dtype)
+            x = x.contiguous(memory_format=torch.channels_last if bench.mode.channels_last else torch.contiguous_format)
+            cases.append(OpCase(bench, x, module, blocks))
+    if not cases:
+        return [], ["Attention op section skipped: this attention puts no ChannelSpatialAttention in the model."]
+    times = {}  # (case index, path) -> [(forward s, backward s), ...]; (case index, "pass") -> [s, ...]
+    for r in range(cfg.repeats):
+        for i, case in enumerate(cases):
+            paths = {"composite": case.module.composite}
+            if case.module.kernel_args(case.x) is not None:
+                paths = {"kernel": case.module, **paths}
+            for path, run in paths.items():
+                times.setdefault((i, path), []).append(op_seconds(run, case.x, case.bench))
+            times.setdefault((i, "pass"), []).append(pass_seconds(case.x, case.bench))
+        log.info("[%d/%d] attention op: %d input shapes", r + 1, cfg.repeats, len(cases))
+    rows = []
+    for i, case in enumerate(cases):
+        one_pass = median(times[i, "pass"])
+        kernel = [f + b for f, b in times.get((i, "kernel"), [])]
+        for path in ("kernel", "composite"):
+            if (i, path) not in times:
+                continue
+            measured = times[i, path]
+            total = [f + b for f, b in measured]
+            rows.append(
+                {
+                    "mode": case.bench.mode.name,
+                    "input": f"{' x '.join(map(str, case.x.shape))} {str(case.x.dtype).removeprefix('torch.')}",
+                    "blocks": case.blocks,
+                    "path": path,
+                    "forward ms": 1e3 * median([f for f, _ in measured]),
+                    "backward ms": 1e3 * median([b for _, b in measured]),
+                    "fwd + bwd in passes": median(total) / one_pass,
+                    "ms per step": 1e3 * case.blocks * median(total),
+                    "time vs kernel": Ratio.of(total, kernel) if kernel else None,
+                }
+            )
+    return rows, []
+
+
 def targets(benches: list[Bench], train_rates: dict, steps: list[dict], loaders: list[dict]) -> list[str]:
     """Each target with the measured value, its per-repeat range and ✓/✗, or "n/a here"."""
     lines = []
@@ -513,8 +632,10 @@ def formatted(rows: list[dict]) -> list[dict]:
             return str(value)
         if not isinstance(value, float):
             return str(value)
-        if "x model" in column:
+        if "x model" in column or "passes" in column:
             return f"{value:.1f}x"
+        if "ms" in column.split():
+            return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
         return f"{value:,.0f}"
 
     return [{c: fmt(c, v) for c, v in row.items()} for row in rows]
@@ -566,15 +687,19 @@ def main(cfg: DictConfig) -> None:
         allow_recompiles(len(names) * len(modes) + len(modes))  # the variants' models and the step section's
     model_name, attention = HydraConfig.get().runtime.choices["model"], HydraConfig.get().runtime.choices["attention"]
 
-    log.info("section 1/3: %d variants x %d modes, %d repeats", len(names), len(modes), cfg.repeats)
+    log.info("section 1/4: %d variants x %d modes, %d repeats", len(names), len(modes), cfg.repeats)
     variant_rows, train_rates = variant_section(cfg, benches, names)
-    log.info("section 2/3: our step vs the bare loop (%s + %s)", model_name, attention)
+    log.info("section 2/4: our step vs the bare loop (%s + %s)", model_name, attention)
     step_rows = step_section(cfg, benches)
     model_rate = step_rows[0]["bare loop img/s"]
     loader_rows, loader_notes = [], ["Loader section skipped (loader=false)."]
     if cfg.loader:
-        log.info("section 3/3: loaders on %s's train split", cfg.data.name)
+        log.info("section 3/4: loaders on %s's train split", cfg.data.name)
         loader_rows, loader_notes = loader_section(cfg, benches[0], model_rate)
+    op_rows, op_notes = [], ["Attention op section skipped (op=false)."]
+    if cfg.op:
+        log.info("section 4/4: the attention op (%s) per input shape", attention)
+        op_rows, op_notes = op_section(cfg, benches)
 
     size = f"{cfg.data.in_chans}x{cfg.data.image_size}x{cfg.data.image_size}"
     print(
@@ -606,6 +731,17 @@ def main(cfg: DictConfig) -> None:
         print(markdown_table(formatted(loader_rows), LOADER_COLUMNS))
     for note in loader_notes:
         print(f"\n{note}")
+    if op_rows:
+        print(
+            f"\nThe attention op ({attention}) alone, per input shape {model_name} gives it (N x C x H x W, the "
+            "train batch), eager, in each layout: forward under the mode's autocast and backward, as training "
+            "runs them; the fused CPU kernel where it serves the input, and the composite PyTorch path. Passes: "
+            "forward + backward in units of one copy of the input (a read and a write of it). Per step: times "
+            "the blocks that see this shape. Time vs kernel: the median of the per-repeat ratios.\n"
+        )
+        print(markdown_table(formatted(op_rows), OP_COLUMNS))
+    for note in op_notes:
+        print(f"\n{note}")
     print("\nTargets:\n")
     print("\n".join(f"- {line}" for line in targets(benches, train_rates, step_rows, loader_rows)))
 
@@ -615,6 +751,8 @@ def main(cfg: DictConfig) -> None:
         write_csv(out / "step.csv", csv_rows(step_rows), STEP_COLUMNS)
         if loader_rows:
             write_csv(out / "loader.csv", loader_rows, LOADER_COLUMNS)
+        if op_rows:
+            write_csv(out / "op.csv", csv_rows(op_rows), OP_COLUMNS)
         log.info("CSV written to %s", out)
 
 

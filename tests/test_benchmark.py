@@ -39,7 +39,8 @@ def test_every_variant_and_mode_gets_a_row_with_its_ratio_and_range(report):
     for row in rows:
         assert len(re.findall(RATIO, row)) == 2, row  # train vs none, infer vs none
     assert "`auto` = " in result.stdout and "`fp32` = fp32, NCHW, eager" in result.stdout
-    steps = [line for line in result.stdout.splitlines() if re.match(r"\| (fp32|auto) \| \d", line)]
+    step_table = result.stdout.split("Our training step")[1].split("Loaders:")[0]
+    steps = [line for line in step_table.splitlines() if re.match(r"\| (fp32|auto) \| \d", line)]
     assert len(steps) == 2 and all(re.search(RATIO, s) for s in steps)
     assert "| memory (on the device) |" in result.stdout
 
@@ -51,6 +52,32 @@ def test_the_targets_say_what_was_measured_and_how_often_it_held(report):
     assert re.search(rf"CBAM / none train ≥ 0.9 \(resnet20, fastest mode for cbam: (fp32|auto)\): {RATIO}", targets)
     assert targets.count("our step / bare loop ≥ 0.98") == 2
     assert "in-memory loader ≥ 20x" in targets
+
+
+def test_the_attention_op_is_timed_per_input_shape_on_both_paths(report):
+    """ResNet-20's three stages at 16 px: 16 x 16, 32 x 8 and 64 x 4 x 4 inputs, three blocks each, in each
+    layout; the fused kernel (a C++ compiler is part of the test set-up) beside the composite path."""
+    result, out = report
+    table = result.stdout.split("The attention op (cbam) alone")[1].split("Targets:")[0]
+    rows = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in table.splitlines()
+        if re.match(r"\| (fp32|auto) \|", line)
+    ]
+    auto = re.search(r"`auto` = (\w+),", result.stdout)[1]  # bf16 on a CPU that runs it natively, else fp32
+    dtype = {"fp32": "float32", "auto": {"fp32": "float32", "bf16": "bfloat16"}[auto]}
+    expected = [
+        (mode, f"8 x {c} x {hw} x {hw} {dtype[mode]}", "3", path)
+        for mode in ("fp32", "auto") for c, hw in ((16, 16), (32, 8), (64, 4)) for path in ("kernel", "composite")
+    ]  # fmt: skip
+    assert [tuple(r[:4]) for r in rows] == expected
+    for row in rows:
+        forward, backward, passes, per_step = float(row[4]), float(row[5]), float(row[6][:-1]), float(row[7])
+        assert forward > 0 and backward > 0 and passes > 0
+        assert per_step == pytest.approx(3 * (forward + backward), rel=0.5)  # medians of sums, not sums of medians
+        assert re.fullmatch(RATIO, row[8])
+    with (out / "op.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(expected)
 
 
 def test_csv_has_the_tables_numbers(report):

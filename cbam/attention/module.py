@@ -63,11 +63,17 @@ class ChannelSpatialAttention(nn.Module):
         _INIT[init](self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.kernel_available() and not self._observed():
-            found = fused.spec_and_params(self)
-            if found is not None and fused.supported(x, found[1]):
-                return fused.FusedAttention.apply(x, found[0], *found[1])
+        found = self.kernel_args(x)
+        if found is not None:
+            return fused.FusedAttention.apply(x, found[0], *found[1])
         return self.composite(x)
+
+    def kernel_args(self, x: torch.Tensor) -> tuple[list[int], list[torch.Tensor]] | None:
+        """The fused kernel's spec and parameters for input x, or None where the composite path runs."""
+        if not fused.kernel_available() or self._observed():
+            return None
+        found = fused.spec_and_params(self)
+        return found if found is not None and fused.supported(x, found[1]) else None
 
     def _observed(self) -> bool:
         """Hooks on the gates (cbam.viz reads Mc and Ms there) see the composite path's modules run."""
