@@ -256,6 +256,33 @@ inline void taps_of(const Acc* a, const Acc* b, int n, int k, Acc* out) {
   }
 }
 
+// A row's lanes reduced: the sum in lane order (sum += total[l]), the maximum and the first position holding
+// it (the smallest at[l] among the lanes at the maximum; lanes never hold NaN, which loses every comparison).
+template <typename Acc>
+inline void finish_sum_max(const vec_t<Acc>& total, const vec_t<Acc>& best, const vec_t<Acc>& at, Acc* sum,
+                           Acc* peak, int* first) {
+  Acc s = 0;
+  for (int l = 0; l < LANES<Acc>; ++l) s += total[l];
+  *sum = s;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<Acc, float>::value) {  // lane by lane, this was most of a short row's time
+    const __m512 b = best;
+    const float m = _mm512_reduce_max_ps(b);
+    *peak = m;
+    *first = (int)_mm512_mask_reduce_min_ps(_mm512_cmp_ps_mask(b, _mm512_set1_ps(m), _CMP_EQ_OQ), at);
+    return;
+  }
+#endif
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  int f = std::numeric_limits<int>::max();
+  for (int l = 0; l < LANES<Acc>; ++l) {
+    if (best[l] > m) { m = best[l]; f = (int)at[l]; }
+    else if (best[l] == m && (int)at[l] < f) f = (int)at[l];
+  }
+  *peak = m;
+  *first = f;
+}
+
 // One pass over z = a[i] * (b ? b[i] : 1): its sum, its maximum and the first i that holds it (what
 // adaptive_max_pool2d's backward gives the gradient to).
 template <typename Acc>
@@ -271,13 +298,9 @@ inline void row_sum_max(const Acc* a, const Acc* b, int n, Acc* sum, Acc* peak, 
     best = more ? z : best;
     at = more ? pos : at;
   }
-  Acc s = 0, m = -std::numeric_limits<Acc>::infinity();
-  int f = n;
-  for (int l = 0; l < L; ++l) {
-    s += total[l];
-    if (best[l] > m) { m = best[l]; f = (int)at[l]; }
-    else if (best[l] == m && (int)at[l] < f) f = (int)at[l];
-  }
+  Acc s, m;
+  int f;
+  finish_sum_max(total, best, at, &s, &m, &f);
   for (; i < n; ++i) {
     Acc z = b ? a[i] * b[i] : a[i];
     s += z;
@@ -695,13 +718,9 @@ void pools_of_x(const Acc* x, Saved<Acc>& sv, Scratch<Acc>& t, const Spec& s) {
       std::memcpy(colsum + i, &cs, sizeof cs);
       std::memcpy(colmax + i, &cm, sizeof cm);
     }
-    Acc sum = 0, peak = -std::numeric_limits<Acc>::infinity();
-    int first = P;
-    for (int l = 0; l < L; ++l) {
-      sum += total[l];
-      if (best[l] > peak) { peak = best[l]; first = (int)at[l]; }
-      else if (best[l] == peak && (int)at[l] < first) first = (int)at[l];
-    }
+    Acc sum, peak;
+    int first;
+    finish_sum_max(total, best, at, &sum, &peak, &first);
     for (; i < P; ++i) {
       sum += row[i];
       if (row[i] > peak) { peak = row[i]; first = i; }
