@@ -1,6 +1,6 @@
 """The gates of a BatchNorm-free attention as one CPU op (fused_cpu.cpp), built at first use.
 
-`ChannelSpatialAttention` runs through `fused_attention` when `supported(module, x)`: a CPU tensor in
+`ChannelSpatialAttention` runs through the kernel where its `kernel_args(x)` finds it serves: a CPU tensor in
 float32, bfloat16 or float64, NCHW or NHWC, and gates without BatchNorm or a deep spatial stack (cbam and
 the presets that share its ops). Everything else, CUDA included, runs the composite PyTorch path, which
 is the op's reference. Both directions are ops registered with `torch.library` and joined by an
