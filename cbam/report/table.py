@@ -202,7 +202,7 @@ def markdown_row(v: Variant, margin: float) -> dict:
     paired = v.paired if v.paired is not None and _finite(v.paired.p) is not None else None
     row = {
         "variant": v.name,
-        "seeds (n)": f"{', '.join(map(str, v.seeds))} ({len(v.runs)})",
+        "seeds (n)": f"{', '.join(map(str, sorted(v.seeds)))} ({len(v.runs)})",
         "val top-1 % (mean ± std)": f"{v.top1_mean:.2f} ± " + (f"{std:.2f}" if std is not None else NA),
         "params": _joined(v.params, lambda n: f"{n:,}"),
         "FLOPs": _joined(v.flops, _flops),
