@@ -29,7 +29,6 @@ second. Markdown goes to stdout, progress to stderr. Exit status: 0 done, 2 bad 
 """
 
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -50,12 +49,13 @@ from cbam.attention import ChannelSpatialAttention
 from cbam.cli import entry_point, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
-from cbam.engine.device import PRECISIONS, autocast_kwargs, choose_fast_path, resolve_device
+from cbam.engine.device import PRECISIONS, autocast_kwargs, choose_fast_path, cpu_name, resolve_device
 from cbam.engine.loop import StepParts, train_one_epoch
 from cbam.engine.optim import build_optimizer
 from cbam.engine.state import EpochMeter, TrainState
 from cbam.errors import ConfigError, instantiate_config
 from cbam.models import build_model
+from cbam.models.resnet import BLOCKS
 from cbam.report.render import markdown_table, write_csv
 
 log = logging.getLogger("benchmark")
@@ -448,12 +448,14 @@ def loader_section(cfg: DictConfig, bench: Bench, model_rate: float) -> tuple[li
 
 
 def attention_inputs(model: nn.Module, bench: Bench) -> dict[tuple, tuple[nn.Module, int]]:
-    """Each distinct input (shape, dtype) of the model's attention modules on the bench's batch: one module
-    that sees it, and how many do."""
+    """Each distinct input (shape, dtype, whether it ends a residual block) of the model's attention modules
+    on the bench's batch: one module that sees it, and how many do. A block's attention is passed the block's
+    shortcut (cbam.models.resnet.residual_end), except while a hook watches it, as these do."""
     found: dict[tuple, tuple[nn.Module, int]] = {}
+    ends_block = {id(block.attn) for block in model.modules() if isinstance(block, tuple(BLOCKS.values()))}
 
     def record(module, args):
-        key = (tuple(args[0].shape), args[0].dtype)
+        key = (tuple(args[0].shape), args[0].dtype, id(module) in ends_block)
         first, count = found.get(key, (module, 0))
         found[key] = (first, count + 1)
 
@@ -500,12 +502,26 @@ def pass_seconds(x: torch.Tensor, bench: Bench) -> float:
 
 @dataclass(frozen=True)
 class OpCase:
-    """One input of the attention op: a module of the model that sees it, and how many blocks do."""
+    """One input of the attention op: a module of the model that sees it, and how many blocks do; with the
+    block's shortcut where the block passes it (the op then ends the block: relu(gated + shortcut))."""
 
     bench: Bench
     x: torch.Tensor
+    shortcut: torch.Tensor | None
     module: nn.Module
     blocks: int
+
+    def paths(self) -> dict[str, Callable]:
+        """The fused kernel where it serves this input, and the composite path (op by op; with a shortcut,
+        followed by the sum and the relu as ops), as training calls them."""
+        module, shortcut = self.module, self.shortcut
+        if shortcut is None:
+            found = {"composite": module.composite}
+        else:
+            found = {"composite": lambda x: torch.relu_(module.composite(x) + shortcut)}
+        if module.kernel_args(self.x, shortcut) is not None:
+            found = {"kernel": lambda x: module(x, shortcut), **found}
+        return found
 
 
 def op_section(cfg: DictConfig, benches: list[Bench]) -> tuple[list[dict], list[str]]:
@@ -519,20 +535,19 @@ def op_section(cfg: DictConfig, benches: list[Bench]) -> tuple[list[dict], list[
         model = build_model(cfg).to(bench.device).train()
         if bench.mode.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        for (shape, dtype), (module, blocks) in attention_inputs(model, bench).items():
+        for (shape, dtype, with_shortcut), (module, blocks) in attention_inputs(model, bench).items():
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(shape, generator=g).to(bench.device, dtype)
-            x = x.contiguous(memory_format=torch.channels_last if bench.mode.channels_last else torch.contiguous_format)
-            cases.append(OpCase(bench, x, module, blocks))
+            fmt = torch.channels_last if bench.mode.channels_last else torch.contiguous_format
+            x, shortcut = (
+                torch.randn(shape, generator=g).to(bench.device, dtype).contiguous(memory_format=fmt) for _ in range(2)
+            )
+            cases.append(OpCase(bench, x, shortcut if with_shortcut else None, module, blocks))
     if not cases:
         return [], ["Attention op section skipped: this attention puts no ChannelSpatialAttention in the model."]
     times = {}  # (case index, path) -> [(forward s, backward s), ...]; (case index, "pass") -> [s, ...]
     for r in range(cfg.repeats):
         for i, case in enumerate(cases):
-            paths = {"composite": case.module.composite}
-            if case.module.kernel_args(case.x) is not None:
-                paths = {"kernel": case.module, **paths}
-            for path, run in paths.items():
+            for path, run in case.paths().items():
                 times.setdefault((i, path), []).append(op_seconds(run, case.x, case.bench))
             times.setdefault((i, "pass"), []).append(pass_seconds(case.x, case.bench))
         log.info("[%d/%d] attention op: %d input shapes", r + 1, cfg.repeats, len(cases))
@@ -548,7 +563,8 @@ def op_section(cfg: DictConfig, benches: list[Bench]) -> tuple[list[dict], list[
             rows.append(
                 {
                     "mode": case.bench.mode.name,
-                    "input": f"{' x '.join(map(str, case.x.shape))} {str(case.x.dtype).removeprefix('torch.')}",
+                    "input": f"{' x '.join(map(str, case.x.shape))} {str(case.x.dtype).removeprefix('torch.')}"
+                    + (" + shortcut" if case.shortcut is not None else ""),
                     "blocks": case.blocks,
                     "path": path,
                     "forward ms": 1e3 * median([f for f, _ in measured]),
@@ -604,16 +620,6 @@ def targets(benches: list[Bench], train_rates: dict, steps: list[dict], loaders:
 
 
 # ---------------------------------------------------------------------------------------------- output
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:
@@ -735,7 +741,9 @@ def main(cfg: DictConfig) -> None:
         print(
             f"\nThe attention op ({attention}) alone, per input shape {model_name} gives it (N x C x H x W, the "
             "train batch), eager, in each layout: forward under the mode's autocast and backward, as training "
-            "runs them; the fused CPU kernel where it serves the input, and the composite PyTorch path. Passes: "
+            "runs them (+ shortcut: the op ends the residual block, relu(gated + shortcut), the sum and relu "
+            "fused into the kernel's pass, and after the composite path as two ops); the fused CPU kernel where "
+            "it serves the input, and the composite PyTorch path. Passes: "
             "forward + backward in units of one copy of the input (a read and a write of it). Per step: times "
             "the blocks that see this shape. Time vs kernel: the median of the per-repeat ratios.\n"
         )

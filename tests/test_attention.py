@@ -386,6 +386,58 @@ def assert_matches_the_float64_reference(variant, channels, dtype, channels_last
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * scale, msg=name)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("variant", [*FUSED, "cbam_improved"])
+def test_the_residual_end_in_the_kernel_is_the_sum_and_relu_bit_for_bit(variant, dtype, channels_last):
+    """attention(x, shortcut), relu(gated x + shortcut) in the kernel's pass, against the gated output then
+    torch's add and relu (how the blocks ended before): the same bits in the output and in every gradient,
+    ties at zero and negative zeros included. cbam_improved runs the composite path both ways."""
+    torch.manual_seed(0)
+    module = make(variant, 32).to(torch.float64 if dtype == torch.float64 else torch.float32).train()
+    randomize(module)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 32, 9, 7).to(dtype).contiguous(memory_format=fmt)
+    shortcut = torch.randn(3, 32, 9, 7).to(dtype).contiguous(memory_format=fmt)
+    shortcut[0] = 0.0  # relu(gated + 0) where gated is 0 below: the tie at zero
+    shortcut[1, :4] = -0.0
+    x[0, :8] = 0.0
+    upstream = torch.randn(3, 32, 9, 7).to(dtype).contiguous(memory_format=fmt)
+    results = []
+    for fused_end in (True, False):
+        xi, si = x.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = module(xi, si) if fused_end else torch.relu(module(xi) + si)
+        grads = torch.autograd.grad(out, [xi, si, *module.parameters()], upstream)
+        results.append([out, *grads])
+    assert module.kernel_args(x, shortcut) is not None or variant == "cbam_improved"
+    for name, got, want in zip(["output", "x", "shortcut", *dict(module.named_parameters())], *results, strict=True):
+        assert torch.equal(got, want) and got.stride() == want.stride(), name
+        assert torch.equal(torch.signbit(got), torch.signbit(want)), name
+
+
+@pytest.mark.parametrize(
+    "dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-nhwc"]
+)
+def test_the_residual_end_compiles_into_one_graph(dtype, channels_last):
+    """torch.compile(fullgraph=True) of attention(x, shortcut): the op with its optional shortcut traces as
+    one graph (aot_eager: the same ops, so the same bits as eager)."""
+    torch._dynamo.reset()
+    module = make("cbam", 32).float().train()
+    randomize(module)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, shortcut, upstream = (torch.randn(3, 32, 9, 7).to(dtype).contiguous(memory_format=fmt) for _ in range(3))
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    results = []
+    for run in (module, compiled):
+        xi, si = x.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = run(xi, si)
+        results.append([out, *torch.autograd.grad(out, [xi, si, *module.parameters()], upstream)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("variant", FUSED)
 def test_the_fused_presets_run_the_kernel_on_a_cpu(variant, monkeypatch):
     calls = []

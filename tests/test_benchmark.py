@@ -56,7 +56,8 @@ def test_the_targets_say_what_was_measured_and_how_often_it_held(report):
 
 def test_the_attention_op_is_timed_per_input_shape_on_both_paths(report):
     """ResNet-20's three stages at 16 px: 16 x 16, 32 x 8 and 64 x 4 x 4 inputs, three blocks each, in each
-    layout; the fused kernel (a C++ compiler is part of the test set-up) beside the composite path."""
+    layout, each with its block's shortcut (the op ends the block); the fused kernel (a C++ compiler is part of
+    the test set-up) beside the composite path."""
     result, out = report
     table = result.stdout.split("The attention op (cbam) alone")[1].split("Targets:")[0]
     rows = [
@@ -67,7 +68,7 @@ def test_the_attention_op_is_timed_per_input_shape_on_both_paths(report):
     auto = re.search(r"`auto` = (\w+),", result.stdout)[1]  # bf16 on a CPU that runs it natively, else fp32
     dtype = {"fp32": "float32", "auto": {"fp32": "float32", "bf16": "bfloat16"}[auto]}
     expected = [
-        (mode, f"8 x {c} x {hw} x {hw} {dtype[mode]}", "3", path)
+        (mode, f"8 x {c} x {hw} x {hw} {dtype[mode]} + shortcut", "3", path)
         for mode in ("fp32", "auto") for c, hw in ((16, 16), (32, 8), (64, 4)) for path in ("kernel", "composite")
     ]  # fmt: skip
     assert [tuple(r[:4]) for r in rows] == expected

@@ -62,18 +62,25 @@ class ChannelSpatialAttention(nn.Module):
         )
         _INIT[init](self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        found = self.kernel_args(x)
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """x gated; with a shortcut, relu(x gated + shortcut): the end of a residual block, which the fused
+        kernel then computes in the same pass as the gated output (the sum and the relu unfused are two more
+        passes over memory forward and one backward)."""
+        found = self.kernel_args(x, shortcut)
         if found is not None:
-            return fused.FusedAttention.apply(x, found[0], *found[1])
-        return self.composite(x)
+            return fused.FusedAttention.apply(x, shortcut, found[0], *found[1])
+        out = self.composite(x)
+        return out if shortcut is None else torch.relu_(out + shortcut)
 
-    def kernel_args(self, x: torch.Tensor) -> tuple[list[int], list[torch.Tensor]] | None:
-        """The fused kernel's spec and parameters for input x, or None where the composite path runs."""
+    def kernel_args(
+        self, x: torch.Tensor, shortcut: torch.Tensor | None = None
+    ) -> tuple[list[int], list[torch.Tensor]] | None:
+        """The fused kernel's spec and parameters for input x (and the shortcut), or None where the composite
+        path runs."""
         if not fused.kernel_available() or self._observed():
             return None
         found = fused.spec_and_params(self)
-        return found if found is not None and fused.supported(x, found[1]) else None
+        return found if found is not None and fused.supported(x, found[1], shortcut) else None
 
     def _observed(self) -> bool:
         """Hooks on the gates (cbam.viz reads Mc and Ms there) see the composite path's modules run."""

@@ -1,8 +1,10 @@
 """Where and in which numerics a model runs: the device, autocast, seeding and RNG state, peak memory."""
 
+import platform
 import random
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,8 +119,20 @@ def autocast_kwargs(device: torch.device, precision: str) -> dict:
     return {"device_type": device.type, "dtype": dtype, "enabled": dtype != torch.float32}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux): results and rates differ between CPU models (oneDNN
+    picks its kernels per instruction set), so the records name it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def device_name(device: torch.device) -> str:
-    return str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_name()})" if device.type == "cpu" else torch.cuda.get_device_name(device)
 
 
 def seed_everything(seed: int) -> None:

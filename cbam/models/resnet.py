@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from cbam.attention import ChannelSpatialAttention
 from cbam.errors import ConfigError
 
 AttentionFactory = Callable[[int], nn.Module]
@@ -17,6 +18,15 @@ AttentionFactory = Callable[[int], nn.Module]
 
 def _no_attention(channels: int) -> nn.Module:
     return nn.Identity()
+
+
+def residual_end(attn: nn.Module, out: torch.Tensor, shortcut: torch.Tensor, relu: nn.Module) -> torch.Tensor:
+    """relu(attn(out) + shortcut). Our attention module takes the shortcut itself, so that its CPU kernel adds
+    and rectifies in the pass that writes the gated output; any other module, and ours while a hook watches it
+    (a hook on the attention sees its own output, the gated features), is followed by the two ops."""
+    if isinstance(attn, ChannelSpatialAttention) and not (attn._forward_hooks or attn._forward_pre_hooks):
+        return attn(out, shortcut)
+    return relu(attn(out) + shortcut)
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -40,7 +50,7 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         # Placement from the paper's code: on the residual branch, after the last BN, before the sum.
-        return self.relu(self.attn(out) + self.downsample(x))
+        return residual_end(self.attn, out, self.downsample(x), self.relu)
 
 
 class Bottleneck(nn.Module):
@@ -63,7 +73,7 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(self.attn(out) + self.downsample(x))
+        return residual_end(self.attn, out, self.downsample(x), self.relu)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
