@@ -86,36 +86,17 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
   return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
-// v as computed: no FMA is formed across this point (an FMA would skip the rounding of a product that the
-// unfused ops store, and so differ from them in the last bit).
-template <typename V> inline V unfused(V v) {
-#if defined(__x86_64__) || defined(__i386__)
-  __asm__("" : "+x"(v));
-#elif defined(__aarch64__)
-  __asm__("" : "+w"(v));
-#endif
-  return v;
-}
-
 template <typename T, typename Acc> struct Elem {
   static inline Acc load(const T* p, long i) { return (Acc)p[i]; }
   static inline void store(T* p, long i, Acc v) { p[i] = (T)v; }
-  static inline Acc round(Acc v) { return unfused((Acc)(T)v); }  // v as a T would hold it
 };
 template <> struct Elem<uint16_t, float> {
   static inline float load(const uint16_t* p, long i) { return bf16_to_float(p[i]); }
   static inline void store(uint16_t* p, long i, float v) { p[i] = float_to_bf16(v); }
-  static inline float round(float v) { return bf16_to_float(float_to_bf16(v)); }
 };
 
 // torch.relu's values: NaN stays NaN, and -0 becomes +0 (its max(v, 0) returns the second operand of a tie).
-template <typename V> inline V relu(V v) { return v > 0 || v != v ? v : V{} ; }
-
-// The end of a residual block, relu(gated + shortcut), with the rounding the unfused ops have between
-// them: the gated value rounded to T (the attention's output), the sum in Acc rounded to T by the store.
-template <typename T, typename Acc> inline Acc add_relu(Acc gated, Acc shortcut) {
-  return relu(Elem<T, Acc>::round(gated) + shortcut);
-}
+template <typename V> inline V relu(V v) { return v > 0 || v != v ? v : V{}; }
 
 // ---- channels_last samples in blocks of 16 positions x 16 channels, transposed in registers (AVX-512) and
 // converted in the same pass: element by element, these transposes were a third of the op's time in bf16.
@@ -127,19 +108,15 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline __m512i bf16_bits16(__m512 v) {  // float_to_bf16, sixteen at a time, each in the low half of a lane
+inline void store16(uint16_t* p, __m512 v) {  // float_to_bf16, sixteen at a time
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
   const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
                                                 _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_mov_epi32(rounded, nan, quiet);
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
 }
-inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(bf16_bits16(v))); }
-// Elem::round, sixteen at a time.
-inline __m512 round16(const float*, __m512 v) { return unfused(v); }
-inline __m512 round16(const uint16_t*, __m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }
 
 // r[i] holds row i of a 16 x 16 block; afterwards r[j] holds its column j.
 inline void transpose16(__m512* r) {
@@ -782,11 +759,10 @@ void gates_forward(const Acc* x, const Params<Acc>& w, Saved<Acc>& sv, Scratch<A
   }
 }
 
-// out = x gated, or relu(x gated + shortcut) where a shortcut is given (the end of a residual block, fused:
-// unfused, the sum and the relu are two more passes over memory), read from and written to the sample's own
-// memory layout (the input was read moments ago: it is in cache, and no canonical copy of the output is made).
+// out = x gated, read from and written to the sample's own memory layout (the input was read moments ago:
+// it is in cache, and no canonical copy of the output is made).
 template <typename T, typename Acc>
-void write_output(const T* src, const T* shortcut, T* dst, const Saved<Acc>& sv, const Spec& s) {
+void write_output(const T* src, T* dst, const Saved<Acc>& sv, const Spec& s) {
   const int C = s.C, P = s.P(), a = s.arrangement;
   // Gate factors as Mc[c] * Ms[p] + add[c] + add_p[p]: the one loop below serves every arrangement.
   // channel-spatial / spatial-channel: Mc Ms; parallel: 1 + Mc + Ms (improvement 5); one gate: Mc or Ms.
@@ -808,12 +784,7 @@ void write_output(const T* src, const T* shortcut, T* dst, const Saved<Acc>& sv,
           for (int c0 = 0; c0 < C; c0 += BLOCK) {
             const vec_t<Acc> v = load16(in + c0);
             const vec_t<Acc> gated = a == SPATIAL_ONLY ? v * m : v * (load_vec(mul + c0) * m + load_vec(add + c0));
-            if (shortcut) {
-              const vec_t<Acc> sum = (vec_t<Acc>)round16(in, gated) + (vec_t<Acc>)load16(shortcut + (long)p * C + c0);
-              store16(out + c0, relu(sum));
-            } else {
-              store16(out + c0, gated);
-            }
+            store16(out + c0, gated);
           }
         }
         return;
@@ -823,39 +794,34 @@ void write_output(const T* src, const T* shortcut, T* dst, const Saved<Acc>& sv,
       const T* in = src + (long)p * C;
       T* out = dst + (long)p * C;
       const Acc m = ms ? ms[p] : Acc(1);
-      if (shortcut) {
-        const T* sc = shortcut + (long)p * C;
-        for (int c = 0; c < C; ++c) {
-          const Acc v = Elem<T, Acc>::load(in, c), gated = a == SPATIAL_ONLY ? v * m : v * (mul[c] * m + add[c]);
-          Elem<T, Acc>::store(out, c, add_relu<T, Acc>(gated, Elem<T, Acc>::load(sc, c)));
-        }
-      } else if (a == SPATIAL_ONLY) {
+      if (a == SPATIAL_ONLY)
         for (int c = 0; c < C; ++c) Elem<T, Acc>::store(out, c, Elem<T, Acc>::load(in, c) * m);
-      } else {
+      else
         for (int c = 0; c < C; ++c) Elem<T, Acc>::store(out, c, Elem<T, Acc>::load(in, c) * (mul[c] * m + add[c]));
-      }
     }
   } else {
     for (int c = 0; c < C; ++c) {
       const T* in = src + (long)c * P;
       T* out = dst + (long)c * P;
       const Acc mul = mul_c(c), add = add_c(c);
-      if (shortcut) {
-        const T* sc = shortcut + (long)c * P;
-        for (int p = 0; p < P; ++p) {
-          const Acc v = Elem<T, Acc>::load(in, p);
-          const Acc gated = a == CHANNEL_ONLY ? v * mul : a == SPATIAL_ONLY ? v * ms[p] : v * (mul * ms[p] + add);
-          Elem<T, Acc>::store(out, p, add_relu<T, Acc>(gated, Elem<T, Acc>::load(sc, p)));
-        }
-      } else if (a == CHANNEL_ONLY) {
+      if (a == CHANNEL_ONLY)
         for (int p = 0; p < P; ++p) Elem<T, Acc>::store(out, p, Elem<T, Acc>::load(in, p) * mul);
-      } else if (a == SPATIAL_ONLY) {
+      else if (a == SPATIAL_ONLY)
         for (int p = 0; p < P; ++p) Elem<T, Acc>::store(out, p, Elem<T, Acc>::load(in, p) * ms[p]);
-      } else {
+      else
         for (int p = 0; p < P; ++p) Elem<T, Acc>::store(out, p, Elem<T, Acc>::load(in, p) * (mul * ms[p] + add));
-      }
     }
   }
+}
+
+// out = relu(out + shortcut) over n elements: a residual block's end after its attention, in the pass that
+// wrote out (the sample is still in cache; unfused, the sum and the relu are two more passes over memory).
+// A function of its own: out is read back as stored, in T, so no FMA joins the gated product to the sum, and
+// the bits are those of the two ops.
+template <typename T, typename Acc>
+__attribute__((noinline)) void add_relu(T* out, const T* shortcut, long n) {
+  for (long e = 0; e < n; ++e)
+    Elem<T, Acc>::store(out, e, relu(Elem<T, Acc>::load(out, e) + Elem<T, Acc>::load(shortcut, e)));
 }
 
 // d(loss)/d(relu input) = g where the block's output is above zero (and NaN), else 0: torch.relu's gradient
@@ -1059,7 +1025,8 @@ void forward(const T* x, const T* shortcut, T* out, Acc** params, Acc* saved, in
       if (in_place<T, Acc>(s)) canonical = reinterpret_cast<const Acc*>(x + n * CP);
       else load_sample<T, Acc>(x + n * CP, t.x.data(), s);
       gates_forward(canonical, w, sv, t, s);
-      write_output<T, Acc>(x + n * CP, shortcut ? shortcut + n * CP : nullptr, out + n * CP, sv, s);
+      write_output<T, Acc>(x + n * CP, out + n * CP, sv, s);
+      if (shortcut) add_relu<T, Acc>(out + n * CP, shortcut + n * CP, CP);
     }
   }
 }
