@@ -441,8 +441,9 @@ def test_the_residual_end_compiles_into_one_graph(dtype, channels_last):
 @pytest.mark.parametrize("variant", FUSED)
 def test_the_fused_presets_run_the_kernel_on_a_cpu(variant, monkeypatch):
     calls = []
-    kernel = fused.fused_attention
-    monkeypatch.setattr(fused, "fused_attention", lambda *a: calls.append(1) or kernel(*a))
+    lib = fused.library()
+    kernel = lib.cbam_forward
+    monkeypatch.setattr(lib, "cbam_forward", lambda *a: calls.append(1) or kernel(*a))
     module = make(variant, 32)
     module(torch.randn(2, 32, 5, 5, dtype=torch.float64))
     assert calls == [1]
