@@ -64,8 +64,8 @@ class ChannelSpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """x gated; with a shortcut, relu(x gated + shortcut): the end of a residual block, which the fused
-        kernel then computes in the same pass as the gated output (the sum and the relu unfused are two more
-        passes over memory forward and one backward)."""
+        kernel then computes per sample while the gated output is in cache (unfused, the sum and the relu are
+        two more passes over memory forward and one backward)."""
         found = self.kernel_args(x, shortcut)
         if found is not None:
             return fused.FusedAttention.apply(x, shortcut, found[0], *found[1])

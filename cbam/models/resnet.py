@@ -22,7 +22,7 @@ def _no_attention(channels: int) -> nn.Module:
 
 def residual_end(attn: nn.Module, out: torch.Tensor, shortcut: torch.Tensor, relu: nn.Module) -> torch.Tensor:
     """relu(attn(out) + shortcut). Our attention module takes the shortcut itself, so that its CPU kernel adds
-    and rectifies in the pass that writes the gated output; any other module, and ours while a hook watches it
+    and rectifies each sample while its gated output is in cache; any other module, and ours while a hook watches it
     (a hook on the attention sees its own output, the gated features), is followed by the two ops."""
     if isinstance(attn, ChannelSpatialAttention) and not (attn._forward_hooks or attn._forward_pre_hooks):
         return attn(out, shortcut)
