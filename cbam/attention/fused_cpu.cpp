@@ -814,8 +814,9 @@ void write_output(const T* src, T* dst, const Saved<Acc>& sv, const Spec& s) {
   }
 }
 
-// out = relu(out + shortcut) over n elements: a residual block's end after its attention, in the pass that
-// wrote out (the sample is still in cache; unfused, the sum and the relu are two more passes over memory).
+// out = relu(out + shortcut) over n elements: a residual block's end after its attention, right after the
+// pass that wrote out (the sample is still in cache; unfused, the sum and the relu are two more passes over
+// memory).
 // A function of its own: out is read back as stored, in T, so no FMA joins the gated product to the sum, and
 // the bits are those of the two ops.
 template <typename T, typename Acc>

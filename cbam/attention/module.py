@@ -69,8 +69,7 @@ class ChannelSpatialAttention(nn.Module):
         found = self.kernel_args(x, shortcut)
         if found is not None:
             return fused.FusedAttention.apply(x, shortcut, found[0], *found[1])
-        out = self.composite(x)
-        return out if shortcut is None else torch.relu_(out + shortcut)
+        return self.composite(x, shortcut)
 
     def kernel_args(
         self, x: torch.Tensor, shortcut: torch.Tensor | None = None
@@ -87,14 +86,16 @@ class ChannelSpatialAttention(nn.Module):
         gates = [g.gate for g in (self.channel, self.spatial) if isinstance(g, ChannelGate | SpatialGate)]
         return any(g._forward_hooks or g._forward_pre_hooks for g in gates)
 
-    def composite(self, x: torch.Tensor) -> torch.Tensor:
-        """Op by op, the gates as PyTorch modules: the reference of the fused CPU op, and the path of
-        every device and option it does not cover."""
+    def composite(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """Op by op, the gates as PyTorch modules (then the sum with the shortcut and the relu, where one is
+        given): the reference of the fused CPU op, and the path of every device and option it does not cover."""
         if self.arrangement == "parallel":
-            return x + self.channel(x) + self.spatial(x)  # improvement 5: both gates see the same input
-        if self.arrangement == "spatial_channel":
-            return self.channel(self.spatial(x))
-        return self.spatial(self.channel(x))
+            out = x + self.channel(x) + self.spatial(x)  # improvement 5: both gates see the same input
+        elif self.arrangement == "spatial_channel":
+            out = self.channel(self.spatial(x))
+        else:
+            out = self.spatial(self.channel(x))
+        return out if shortcut is None else torch.relu_(out + shortcut)
 
 
 def _keep_default(module: nn.Module) -> None:
