@@ -348,11 +348,12 @@ def test_every_preset_in_every_mode_matches_the_float64_reference(variant, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels", [24, 48])
+@pytest.mark.parametrize("channels", [20, 24, 48])
 def test_nhwc_samples_of_any_channel_count_match_the_float64_reference(channels, dtype):
-    """The kernel moves NHWC samples in blocks of 16 channels where the CPU has AVX-512 and C allows (48: three
-    blocks), element by element otherwise (24); 32 (above) is two blocks. The 9 x 7 maps leave a partial block
-    of positions."""
+    """The kernel moves NHWC samples in blocks of 16 channels where the CPU has AVX-512, of 8 where it has AVX2,
+    when C allows (48: three blocks of 16 or six of 8; 24: three of 8 on AVX2), element by element otherwise
+    (20 on either, 24 on AVX-512); 32 (above) is whole blocks on both. The 9 x 7 maps leave a partial block of
+    positions."""
     assert_matches_the_float64_reference("cbam", channels, dtype, True, False)
 
 

@@ -34,10 +34,11 @@ def test_a_cpu_with_native_bf16_gets_bf16_and_channels_last(cpu_with_bf16):
     assert fast.chosen["precision"] == "native bf16 on cpu"
 
 
-def test_a_cpu_without_native_bf16_keeps_todays_numerics(cpu_without_bf16):
+def test_a_cpu_without_native_bf16_keeps_fp32_and_gets_channels_last(cpu_without_bf16):
     fast = choose_fast_path(trainer(), CPU)
-    assert (fast.precision, fast.channels_last, fast.compile) == ("fp32", False, False)
+    assert (fast.precision, fast.channels_last, fast.compile) == ("fp32", True, False)
     assert fast.chosen["precision"] == "no native bf16 on cpu"
+    assert fast.chosen["channels_last"] == "fp32 convolutions on cpu"
 
 
 def test_a_cuda_device_asks_cuda_for_bf16(monkeypatch):
@@ -45,12 +46,13 @@ def test_a_cuda_device_asks_cuda_for_bf16(monkeypatch):
     fast = choose_fast_path(trainer(), torch.device("cuda", 0))
     assert (fast.precision, fast.channels_last) == ("bf16", True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert choose_fast_path(trainer(), torch.device("cuda", 0)).precision == "fp32"
+    fast = choose_fast_path(trainer(), torch.device("cuda", 0))
+    assert (fast.precision, fast.channels_last) == ("fp32", False)  # fp32 NHWC is unmeasured on a GPU
 
 
 def test_a_value_given_pins_it(cpu_with_bf16):
     fast = choose_fast_path(trainer(precision="fp32"), CPU)
-    assert (fast.precision, fast.channels_last) == ("fp32", False)  # channels_last follows the precision in force
+    assert (fast.precision, fast.channels_last) == ("fp32", True)  # channels_last=auto: NHWC for a CPU's fp32 too
     assert "precision" not in fast.chosen
     fast = choose_fast_path(trainer(channels_last=False, compile=True), CPU)
     assert (fast.precision, fast.channels_last, fast.compile) == ("bf16", False, True)

@@ -17,7 +17,7 @@
 #include <type_traits>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -98,17 +98,20 @@ template <> struct Elem<uint16_t, float> {
 // torch.relu's values: NaN stays NaN, and -0 becomes +0 (its max(v, 0) returns the second operand of a tie).
 template <typename V> inline V relu(V v) { return v > 0 || v != v ? v : V{}; }
 
-// ---- channels_last samples in blocks of 16 positions x 16 channels, transposed in registers (AVX-512) and
+// ---- channels_last samples in blocks of BLOCK positions x BLOCK channels, transposed in registers and
 // converted in the same pass: element by element, these transposes were a third of the op's time in bf16.
+// AVX-512: 16 x 16 blocks; AVX2 (no AVX-512): 8 x 8 blocks. Only data moves: the same bits either way.
 #if defined(__AVX512F__)
+#define CBAM_BLOCK_TRANSPOSE 1
 constexpr int BLOCK = 16;
+typedef __m512 block_row;
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
+inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_row(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(uint16_t* p, __m512 v) {  // float_to_bf16, sixteen at a time
+inline void store_row(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_row(uint16_t* p, __m512 v) {  // float_to_bf16, sixteen at a time
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
@@ -119,7 +122,7 @@ inline void store16(uint16_t* p, __m512 v) {  // float_to_bf16, sixteen at a tim
 }
 
 // r[i] holds row i of a 16 x 16 block; afterwards r[j] holds its column j.
-inline void transpose16(__m512* r) {
+inline void transpose_block(__m512* r) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -142,6 +145,48 @@ inline void transpose16(__m512* r) {
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
 }
+#elif defined(__AVX2__)
+#define CBAM_BLOCK_TRANSPOSE 1
+constexpr int BLOCK = 8;
+typedef __m256 block_row;
+
+inline __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_row(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void store_row(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store_row(uint16_t* p, __m256 v) {  // float_to_bf16, eight at a time
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+  // Both sides below 2^31, so the signed comparison is the unsigned one.
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i halves = _mm256_blendv_epi8(rounded, quiet, nan);  // each lane below 2^16: packing keeps it
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0xd8);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+
+// r[i] holds row i of an 8 x 8 block; afterwards r[j] holds its column j.
+inline void transpose_block(__m256* r) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
 #endif
 
 // A sample's tensor in its memory layout, as a canonical channel-major buffer in Acc (C rows of P values,
@@ -155,15 +200,15 @@ void load_sample(const T* src, Acc* dst, const Spec& s) {
     return;
   }
   int p0 = 0;
-#if defined(__AVX512F__)
+#if defined(CBAM_BLOCK_TRANSPOSE)
   if constexpr (std::is_same<Acc, float>::value)  // float or bf16 tensors; the rest position by position
     if (C % BLOCK == 0)
       for (; p0 + BLOCK <= P; p0 += BLOCK)
         for (int c0 = 0; c0 < C; c0 += BLOCK) {
-          __m512 r[BLOCK];
-          for (int i = 0; i < BLOCK; ++i) r[i] = load16(src + (long)(p0 + i) * C + c0);
-          transpose16(r);
-          for (int j = 0; j < BLOCK; ++j) store16(dst + (long)(c0 + j) * s.R + p0, r[j]);
+          block_row r[BLOCK];
+          for (int i = 0; i < BLOCK; ++i) r[i] = load_row(src + (long)(p0 + i) * C + c0);
+          transpose_block(r);
+          for (int j = 0; j < BLOCK; ++j) store_row(dst + (long)(c0 + j) * s.R + p0, r[j]);
         }
 #endif
   for (int p = p0; p < P; ++p)
@@ -179,15 +224,15 @@ void store_sample(const Acc* src, T* dst, const Spec& s) {
     return;
   }
   int p0 = 0;
-#if defined(__AVX512F__)
+#if defined(CBAM_BLOCK_TRANSPOSE)
   if constexpr (std::is_same<Acc, float>::value)  // float or bf16 tensors; the rest position by position
     if (C % BLOCK == 0)
       for (; p0 + BLOCK <= P; p0 += BLOCK)
         for (int c0 = 0; c0 < C; c0 += BLOCK) {
-          __m512 r[BLOCK];
-          for (int j = 0; j < BLOCK; ++j) r[j] = load16(src + (long)(c0 + j) * s.R + p0);
-          transpose16(r);
-          for (int i = 0; i < BLOCK; ++i) store16(dst + (long)(p0 + i) * C + c0, r[i]);
+          block_row r[BLOCK];
+          for (int j = 0; j < BLOCK; ++j) r[j] = load_row(src + (long)(c0 + j) * s.R + p0);
+          transpose_block(r);
+          for (int i = 0; i < BLOCK; ++i) store_row(dst + (long)(p0 + i) * C + c0, r[i]);
         }
 #endif
   for (int p = p0; p < P; ++p)
@@ -196,13 +241,21 @@ void store_sample(const Acc* src, T* dst, const Spec& s) {
 
 template <typename Acc> inline Acc sigmoid(Acc v) { return Acc(1) / (Acc(1) + std::exp(-v)); }
 
-// ---- reductions over a row, in GCC's vector extensions (lowered to AVX-512, AVX2, NEON or scalar code,
-// whatever -march=native has): auto-vectorized, these reductions went through the stack or stayed scalar
-// and cost more than the passes over the row themselves.
-
-template <typename Acc> struct Vec { typedef Acc type __attribute__((vector_size(64))); };
+// ---- reductions over a row, in GCC's vector extensions: auto-vectorized, these reductions went through the
+// stack or stayed scalar and cost more than the passes over the row themselves. The vectors are as wide as
+// the CPU's registers (AVX-512, AVX, else 16 bytes: SSE, NEON): wider ones (64 bytes on AVX2) are lowered
+// through the stack, which made the whole op 2-3x slower there. The width sets how many partial sums a
+// reduction keeps, so its rounding (not its arithmetic) differs between AVX-512 and AVX2 builds, as oneDNN's does.
+#if defined(__AVX512F__)
+constexpr int VEC_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int VEC_BYTES = 32;
+#else
+constexpr int VEC_BYTES = 16;
+#endif
+template <typename Acc> struct Vec { typedef Acc type __attribute__((vector_size(VEC_BYTES))); };
 template <typename Acc> using vec_t = typename Vec<Acc>::type;
-template <typename Acc> constexpr int LANES = 64 / sizeof(Acc);
+template <typename Acc> constexpr int LANES = VEC_BYTES / sizeof(Acc);
 constexpr long SLACK = 256;  // room past the conv's planes for its last block of four vectors
 
 template <typename Acc> inline vec_t<Acc> load_vec(const Acc* p) {
@@ -782,9 +835,9 @@ void write_output(const T* src, T* dst, const Saved<Acc>& sv, const Spec& s) {
           T* out = dst + (long)p * C;
           const Acc m = ms ? ms[p] : Acc(1);
           for (int c0 = 0; c0 < C; c0 += BLOCK) {
-            const vec_t<Acc> v = load16(in + c0);
+            const vec_t<Acc> v = load_row(in + c0);
             const vec_t<Acc> gated = a == SPATIAL_ONLY ? v * m : v * (load_vec(mul + c0) * m + load_vec(add + c0));
-            store16(out + c0, gated);
+            store_row(out + c0, gated);
           }
         }
         return;
