@@ -4,6 +4,7 @@ README (Speed)."""
 
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
 from cbam.engine import device as device_module
@@ -98,3 +99,20 @@ def test_cuda_runs_let_cudnn_choose_and_matmuls_use_tf32():
     finally:
         torch.backends.cudnn.benchmark = before[0]
         torch.set_float32_matmul_precision(before[1])
+
+
+@pytest.mark.parametrize("experiment", ["ablation_fmnist", "leave_one_out"])
+def test_a_published_experiment_runs_its_records_numerics_on_any_cpu(experiment, monkeypatch):
+    """Its sweep continues on whatever machine a session gets (resume=auto into results/<name>): the numerics are
+    pinned, the same with and without native bf16, and they are those of the runs already committed there."""
+    trainer = compose_config("train", f"experiment={experiment}").trainer
+    chosen = set()
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        fast = choose_fast_path(trainer, CPU)
+        assert fast.chosen == {}  # nothing left to `auto`
+        chosen.add((fast.precision, fast.channels_last, fast.compile))
+    [pinned] = chosen
+    for record in sorted((ROOT / "results" / experiment).glob("*/config.yaml")):
+        recorded = OmegaConf.load(record).trainer
+        assert (recorded.precision, recorded.channels_last, recorded.compile) == pinned, record

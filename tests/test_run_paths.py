@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import compose_config
 from test_data import cifar_images, write_image_folder, write_pickle
 from test_recipes import TINY
@@ -38,6 +39,17 @@ def evaluated(checkpoint) -> dict:
     cfg = compose_config("eval", f"checkpoint={checkpoint}", "device=cpu", "wandb=false",
                          f"output={checkpoint.parent / f'eval-{checkpoint.stem}.json'}")  # fmt: skip
     return evaluate_checkpoint(cfg)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated", "native"])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_in_the_log(tmp_path, monkeypatch, native):
+    """A pinned trainer.precision=bf16 (the published ablation pins it) on a CPU without AVX512-BF16 or AMX runs,
+    several times slower: train.log says so, and says nothing where the CPU runs bf16 natively."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    summary = train_in(tmp_path / "run", "trainer.precision=bf16")
+    assert summary["fast_path"]["precision"] == "bf16"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert ("trainer.precision=bf16 on a cpu without native bf16 is emulated" in log) != native
 
 
 def test_best_and_final_epochs_are_told_apart(tmp_path):
