@@ -6,12 +6,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 ARGS ?=
+# Test files run in parallel processes (pytest-xdist), each file in one process, as its module fixtures
+# are shared by its tests: most of the suite's time is single-threaded process starts and tiny runs.
+TEST_WORKERS ?= 2
 
 .PHONY: help install data train test nightly benchmark lint clean
 
 help:
 	@echo "make train [ARGS='attention=cbam_parallel ...']   train the default job (CIFAR ResNet-20 + CBAM, Fashion-MNIST)"
-	@echo "make test                                         fast tests (< 10 min on 2 CPU cores)"
+	@echo "make test                                         fast tests (< 10 min on 2 CPU cores, TEST_WORKERS=2 processes)"
 	@echo "make nightly                                      every test, the slow ones too"
 	@echo "make benchmark                                    model statistics and speed tables (scripts/benchmark.py)"
 	@echo "make lint                                         ruff check and format check"
@@ -38,10 +41,10 @@ train: install data
 	$(BIN)/python train.py $(ARGS)
 
 test: install data
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 nightly: install data
-	$(BIN)/python -m pytest -m ''
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m ''
 
 benchmark: install data
 	$(BIN)/python scripts/model_stats.py
