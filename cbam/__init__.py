@@ -1,3 +1,3 @@
 """cbam-ablate: measured ablations of CBAM and its proposed improvements."""
 
-from . import models  # noqa: F401  registers the resolvers the model configs use, for whoever composes them
+from . import resolvers  # noqa: F401  registers the resolvers the model configs use, for whoever composes them

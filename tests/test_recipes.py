@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cbam.engine.checkpoint import load_checkpoint
-from cbam.engine.records import evaluated_weights
+from cbam.engine.restore import evaluated_weights
 from cbam.engine.run import RunContext, train
 from cbam.models import build_model
 

@@ -10,7 +10,8 @@ from cbam.errors import ConfigError, instantiate_config
 
 from .device import autocast_kwargs, resolve_device
 from .loop import evaluate
-from .records import RunRecords, restore_run, write_json_atomic
+from .records import RunRecords, write_json_atomic
+from .restore import restore_run
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from torch import nn
 from cbam.data import Loader
 from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.device import resolve_device
-from cbam.engine.records import RunRecords, restore_run, run_config
+from cbam.engine.records import RunRecords
+from cbam.engine.restore import restore_run, run_config
 from cbam.engine.run import FinishedRun
 from cbam.errors import ConfigError
 
