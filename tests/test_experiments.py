@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import CONF, ROOT, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from cbam.engine.device import native_bf16
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 ATTENTION = {p.stem for p in (CONF / "attention").glob("*.yaml")}
@@ -89,6 +92,9 @@ def test_every_experiment_runs_in_debug_mode_with_the_joblib_launcher(tmp_path):
     assert len(summaries) == len(EXPERIMENTS)
     assert {s["model"] for s in summaries} == {"resnet20", "resnet50"}
     assert all(s["data"] == "synthetic" and s["epochs"] == 1 for s in summaries)
+    # the CPU's own precision, whatever the recipe pins (a pinned bf16 is emulated on a CPU without it)
+    own = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert {s["fast_path"]["precision"] for s in summaries} == {own}
 
 
 @pytest.mark.slow  # ~20 s: submitit's own process per job
