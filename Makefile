@@ -9,6 +9,7 @@ ARGS ?=
 # Test files run in parallel processes (pytest-xdist), each file in one process, as its module fixtures
 # are shared by its tests: most of the suite's time is single-threaded process starts and tiny runs.
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: help install data train test nightly benchmark lint clean
 
@@ -41,10 +42,10 @@ train: install data
 	$(BIN)/python train.py $(ARGS)
 
 test: install data
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 nightly: install data
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m ''
+	$(PYTEST) -m ''
 
 benchmark: install data
 	$(BIN)/python scripts/model_stats.py
