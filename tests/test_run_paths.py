@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose_config
 from test_data import cifar_images, write_image_folder, write_pickle
 from test_recipes import TINY
@@ -15,7 +16,9 @@ from test_train import METRICS, rows, tree_digest
 from cbam import tracking
 from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.eval_checkpoint import evaluate_checkpoint
+from cbam.engine.restore import restore_run
 from cbam.engine.run import RunContext, train
+from cbam.errors import ConfigError
 from cbam.report.report import build
 
 # The LR stays 0.1 for the first epochs whatever trainer.epochs is, so a run resumed with more epochs
@@ -69,6 +72,50 @@ def test_best_and_final_epochs_are_told_apart(tmp_path):
     # The comparison uses the final epoch, never the best (which would pick an epoch on the test split).
     [variant] = build([tmp_path / "run"], baseline="cbam").variants
     assert variant.top1 == [top1[2]]
+
+
+def test_eval_can_normalise_chosen_batchnorms_with_each_batchs_statistics(tmp_path):
+    """eval.py bn_batch_stats=GLOB (the train/eval gap diagnostic): the BatchNorm layers it matches normalise
+    with each val batch's own statistics, by default batches of the run's training size, and every other
+    layer as in eval mode; the checkpoint and its own evaluation are left as they were."""
+    run_dir = tmp_path / "run"
+    train_in(run_dir, attention="cbam_improved")  # a shared MLP with BN over pooled descriptors
+    checkpoint = run_dir / "last.pt"
+    plain = evaluated(checkpoint)
+    untouched = checkpoint.read_bytes(), (run_dir / "eval-last.json").read_bytes()
+    diagnostic = ["device=cpu", "wandb=false", "bn_batch_stats=*.channel.mlp.*"]
+    result = evaluate_checkpoint(compose_config("eval", f"checkpoint={checkpoint}", *diagnostic))
+
+    # The reference: those layers in train mode with momentum 0 (batch statistics, running ones kept), in
+    # batches of data.batch_size=32 (TINY).
+    run = restore_run(checkpoint, device=torch.device("cpu"), eval_batch_size=32)
+    run.model.eval()
+    chosen = [n for n, m in run.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and ".channel.mlp." in n]
+    for name in chosen:
+        run.model.get_submodule(name).train().momentum = 0.0
+    loss, hits, images = 0.0, 0, 0
+    layout = torch.channels_last if run.config.trainer.channels_last else torch.contiguous_format
+    with torch.no_grad():
+        for x, y in run.val_loader.epoch(0):
+            logits = run.model(x.contiguous(memory_format=layout))
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            hits += (logits.argmax(1) == y).sum().item()
+            images += len(y)
+    assert len(chosen) == 6
+    assert result["bn_batch_stats"] == {"pattern": "*.channel.mlp.*", "layers": chosen, "batch_size": 32}
+    assert result["val/loss"] == pytest.approx(loss / images, rel=1e-5)
+    assert result["val/top1"] == pytest.approx(100 * hits / images)
+    assert result["val/loss"] != plain["val/loss"]
+    assert json.loads((run_dir / "eval-last-bn_batch_stats.json").read_text()) == result
+    assert (checkpoint.read_bytes(), (run_dir / "eval-last.json").read_bytes()) == untouched
+
+    for overrides, message in [
+        (["bn_batch_stats=*.no_such_layer"], "matches none of the model's 21 BatchNorm layers"),
+        (["bn_batch_stats=*", "batch_size=3"], "leaves a batch of one of the 64 val images"),  # 64 = 21 * 3 + 1
+    ]:
+        bad = compose_config("eval", f"checkpoint={checkpoint}", "device=cpu", "wandb=false", *overrides)
+        with pytest.raises(ConfigError, match=message):
+            evaluate_checkpoint(bad)
 
 
 def test_resume_auto_in_an_empty_dir_starts_from_scratch(tmp_path):

@@ -2,16 +2,19 @@
 
 import json
 import logging
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from cbam.errors import ConfigError, instantiate_config
 
+from .checkpoint import load_checkpoint
 from .device import autocast_kwargs, resolve_device
 from .loop import evaluate
 from .records import RunRecords, write_json_atomic
-from .restore import restore_run
+from .restore import restore_run, run_config
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +24,21 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise ConfigError("pass the checkpoint to evaluate: python eval.py checkpoint=outputs/.../best.pt")
     if cfg.batch_size is not None and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise ConfigError(f"batch_size={cfg.batch_size} must be a positive integer, or null for the run's own")
+    pattern = cfg.bn_batch_stats
+    if pattern is not None and (not isinstance(pattern, str) or not pattern):
+        raise ConfigError(f"bn_batch_stats={pattern!r} must be a glob of module names, e.g. '*.channel.mlp.*', or null")
     device = resolve_device(cfg.device)
-    run = restore_run(cfg.checkpoint, device=device, data_root=cfg.data_root, eval_batch_size=cfg.batch_size)
+    state = load_checkpoint(cfg.checkpoint)
+    batch_size = cfg.batch_size
+    if pattern is not None and batch_size is None:
+        # batch statistics depend on the batch: by default those of a batch the size the run trained with
+        batch_size = run_config(Path(cfg.checkpoint), state).data.batch_size
+    run = restore_run(cfg.checkpoint, device=device, data_root=cfg.data_root, eval_batch_size=batch_size, state=state)
+    batch_stats = None
+    if pattern is not None:
+        layers = use_batch_statistics(run.model, pattern)
+        _check_batches(run.val_loader, pattern)
+        batch_stats = {"pattern": pattern, "layers": layers, "batch_size": run.val_loader.batch_size}
     metrics = evaluate(
         run.model,
         run.val_loader,
@@ -38,26 +54,59 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         **metrics,
         "val/per_class_top1": dict(zip(run.val_loader.classes, per_class, strict=True)),
         "device": str(device),
+        **({"bn_batch_stats": batch_stats} if batch_stats else {}),
     }
-    output = Path(cfg.output) if cfg.output else run.path.parent / f"eval-{run.path.stem}.json"
+    # the diagnostic's numbers go beside the checkpoint's own evaluation, never over it
+    name = f"eval-{run.path.stem}" + ("-bn_batch_stats" if batch_stats else "")
+    output = Path(cfg.output) if cfg.output else run.path.parent / f"{name}.json"
     write_json_atomic(output, result)
     print(json.dumps(result, indent=2))
     log.info("written to %s", output)
     if cfg.wandb:
-        _log_to_wandb(run, metrics, output)
+        _log_to_wandb(run, metrics, output.parent / name, batch_stats)
     return result
 
 
-def _log_to_wandb(run, metrics: dict, output: Path) -> None:
+def use_batch_statistics(model: nn.Module, pattern: str) -> list[str]:
+    """The BatchNorm layers of `model` whose name matches `pattern` normalise with each batch's own
+    statistics in eval mode too, as they did in training: without running statistics, PyTorch's BatchNorm
+    uses the batch's. Their running statistics are dropped from this in-memory model only. Returns their names."""
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    chosen = [name for name in norms if fnmatchcase(name, pattern)]
+    if not chosen:
+        examples = ", ".join(list(norms)[:3]) or "none: the model has no BatchNorm"
+        raise ConfigError(
+            f"bn_batch_stats={pattern!r} matches none of the model's {len(norms)} BatchNorm layers "
+            f"(e.g. {examples}); pass a glob of their names, e.g. '*' for all of them"
+        )
+    for name in chosen:
+        norms[name].track_running_stats = False
+        norms[name].running_mean = norms[name].running_var = norms[name].num_batches_tracked = None
+    return chosen
+
+
+def _check_batches(loader, pattern: str) -> None:
+    """Batch statistics of a batch of one are undefined (PyTorch raises mid-evaluation): refuse up front."""
+    if loader.batch_size == 1 or loader.num_samples % loader.batch_size == 1:
+        raise ConfigError(
+            f"bn_batch_stats={pattern!r} needs at least two images in every batch, but batch_size={loader.batch_size} "
+            f"leaves a batch of one of the {loader.num_samples} val images: choose another batch_size"
+        )
+
+
+def _log_to_wandb(run, metrics: dict, run_dir: Path, batch_stats: dict | None) -> None:
     """The metrics as a W&B run (job_type eval) beside the training run: same project and group, the run's
-    logger settings (logger=none logs nothing). Its files go to <output's dir>/eval-<checkpoint>/."""
+    logger settings (logger=none logs nothing). Its files go to run_dir (<output's dir>/eval-<checkpoint>/)."""
     records = RunRecords(run.path.parent)
     variant = records.read_summary()["variant"] if records.summary.exists() else run.path.parent.name
     title = f"eval-{variant}-s{run.config.seed}"
-    run_dir = output.parent / f"eval-{run.path.stem}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker_cls = instantiate_config(run.config.logger, "logger")
     config = {"checkpoint": str(run.path), "variant": variant, **OmegaConf.to_container(run.config, resolve=True)}
+    tags = ["eval", variant]
+    if batch_stats:
+        config["bn_batch_stats"] = batch_stats
+        tags.append("bn_batch_stats")
     with tracker_cls(run_dir=run_dir, name=title, group=run.config.group,
-                     tags=["eval", variant], config=config, job_type="eval") as tracker:  # fmt: skip
+                     tags=tags, config=config, job_type="eval") as tracker:  # fmt: skip
         tracker.summary(metrics)
