@@ -36,7 +36,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run = restore_run(cfg.checkpoint, device=device, data_root=cfg.data_root, eval_batch_size=batch_size, state=state)
     batch_stats = None
     if pattern is not None:
-        layers = use_batch_statistics(run.model, pattern)
+        layers = _use_batch_statistics(run.model, pattern)
         _check_batches(run.val_loader, pattern)
         batch_stats = {"pattern": pattern, "layers": layers, "batch_size": run.val_loader.batch_size}
     metrics = evaluate(
@@ -67,7 +67,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     return result
 
 
-def use_batch_statistics(model: nn.Module, pattern: str) -> list[str]:
+def _use_batch_statistics(model: nn.Module, pattern: str) -> list[str]:
     """The BatchNorm layers of `model` whose name matches `pattern` normalise with each batch's own
     statistics in eval mode too, as they did in training: without running statistics, PyTorch's BatchNorm
     uses the batch's. Their running statistics are dropped from this in-memory model only. Returns their names."""
@@ -99,7 +99,7 @@ def _log_to_wandb(run, metrics: dict, run_dir: Path, batch_stats: dict | None) -
     logger settings (logger=none logs nothing). Its files go to run_dir (<output's dir>/eval-<checkpoint>/)."""
     records = RunRecords(run.path.parent)
     variant = records.read_summary()["variant"] if records.summary.exists() else run.path.parent.name
-    title = f"eval-{variant}-s{run.config.seed}"
+    title = f"eval-{variant}-s{run.config.seed}" + ("-bn_batch_stats" if batch_stats else "")
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker_cls = instantiate_config(run.config.logger, "logger")
     config = {"checkpoint": str(run.path), "variant": variant, **OmegaConf.to_container(run.config, resolve=True)}
