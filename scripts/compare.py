@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cbam.errors import EXIT_BAD_INPUT, ConfigError
 from cbam.report import compare
+from cbam.report.report import DEFAULT_BASELINE, DEFAULT_MARGIN
 
 log = logging.getLogger("cbam")
 
@@ -23,11 +24,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="a multirun dir (its run subdirs are read) and/or run dirs")
     parser.add_argument(
-        "--baseline", default="none", help="the variant every other one is compared with (default: none)"
-    )
+        "--baseline", default=DEFAULT_BASELINE,
+        help=f"the variant every other one is compared with (default: {DEFAULT_BASELINE})",
+    )  # fmt: skip
     parser.add_argument(
-        "--margin", type=float, default=0.2,
-        help="equivalence margin in top-1 points: 'equivalent' when the difference lies within +-margin (default: 0.2)",
+        "--margin", type=float, default=DEFAULT_MARGIN,
+        help="equivalence margin in top-1 points: 'equivalent' when the difference lies within +-margin "
+        f"(default: {DEFAULT_MARGIN:g})",
     )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, help="output dir (default: <multirun dir>/compare, or ./compare for several dirs)"
@@ -40,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--readme", type=Path,
-        help="also replace the table kept for these paths in this Markdown file: the block between "
-        "'<!-- compare.py PATHS -->' and '<!-- /compare.py -->' (how README.md's results are regenerated)",
+        help="also replace the table kept for this comparison in this Markdown file: the block between "
+        "'<!-- compare.py PATHS [--baseline B] [--margin M] -->' (the baseline and margin where not the defaults) "
+        "and '<!-- /compare.py -->' (how README.md's results are regenerated)",
     )  # fmt: skip
     parser.add_argument(
         "--wandb-mode",

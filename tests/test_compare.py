@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -342,25 +343,37 @@ def readme_blocks(text: str) -> dict[str, str]:
 def test_readme_option_replaces_only_its_block(sweep, tmp_path):
     readme = tmp_path / "README.md"
     before, after = "# Results\n\nIntro.\n\n", "\nReading it: the text around the table stays.\n"
-    readme.write_text(f"{before}{readme_marker([sweep])}\nan old table\n{README_END}{after}")
+    other = f"\n{readme_marker([sweep], baseline='cbam')}\nthe table against cbam\n{README_END}\n"
+    readme.write_text(f"{before}{readme_marker([sweep])}\nan old table\n{README_END}{other}{after}")
     compare(sweep, "--no-wandb", "--out", tmp_path / "out", "--readme", readme, cwd=tmp_path)
     text = readme.read_text()
-    assert text.startswith(before + readme_marker([sweep]) + "\n") and text.endswith(README_END + after)
-    [block] = readme_blocks(text).values()
+    assert text.startswith(before + readme_marker([sweep]) + "\n") and text.endswith(README_END + other + after)
+    block = readme_blocks(text)[str(sweep)]
     assert block == readme_block(build([sweep])) and "an old table" not in text
     assert block.split("\n\n")[1] in (tmp_path / "out" / "comparison.md").read_text()  # the table compare.py prints
 
+    # The same runs against another baseline are another table: its marker names the baseline.
+    compare(sweep, "--baseline", "cbam", "--no-wandb", "--out", tmp_path / "out", "--readme", readme, cwd=tmp_path)
+    blocks = readme_blocks(readme.read_text())
+    assert blocks[str(sweep)] == block  # the table against none is left as it was
+    assert blocks[f"{sweep} --baseline cbam"] == readme_block(build([sweep], baseline="cbam"))
+    assert "baseline: cbam." in blocks[f"{sweep} --baseline cbam"]
 
-def test_the_readme_result_tables_are_what_compare_makes_of_the_committed_records(monkeypatch):
-    """README.md's published tables are regenerated from results/ by compare.py, never typed in."""
-    monkeypatch.chdir(ROOT)  # the marker's paths, and the plans' commands, are relative to the clone
-    blocks = readme_blocks((ROOT / "README.md").read_text())
-    assert "results/ablation_fmnist" in blocks
-    for paths, block in blocks.items():
-        regenerated = readme_block(build(paths.split(), finished_only=True))
-        assert block == regenerated, (
-            f"README.md's table for {paths} is not what its records give: "
-            f"python scripts/compare.py {paths} --finished-only --no-wandb --readme README.md"
+
+def test_the_readme_result_tables_are_what_compare_makes_of_the_committed_records(tmp_path):
+    """README.md's published tables are regenerated from results/ by compare.py, never typed in: each
+    marker's own arguments, run as a user runs them, leave README.md as it is."""
+    published = (ROOT / "README.md").read_text()
+    blocks = readme_blocks(published)
+    assert {"results/ablation_fmnist", "results/leave_one_out --baseline cbam_improved"} <= set(blocks)
+    readme = tmp_path / "README.md"
+    readme.write_text(published)
+    for args in blocks:  # the marker's paths, and the plans' commands, are relative to the clone
+        compare(*shlex.split(args), "--finished-only", "--no-wandb", "--out", tmp_path / "out", "--readme", readme,
+                cwd=ROOT)  # fmt: skip
+        assert readme.read_text() == published, (
+            f"README.md's table for {args} is not what its records give: "
+            f"python scripts/compare.py {args} --finished-only --no-wandb --readme README.md"
         )
 
 

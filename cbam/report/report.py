@@ -35,6 +35,7 @@ FAIR = (
     f"(not compared: {', '.join(IGNORED)})."
 )
 RUN_COLUMNS = ["run", "variant", "seed", "val top-1 %", "train img/s", "dir"]
+DEFAULT_BASELINE, DEFAULT_MARGIN = "none", 0.2
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Comparison:
     baseline: str
     data: str
     differences: list[Difference]
-    margin: float = 0.2
+    margin: float = DEFAULT_MARGIN
     plans: list[str] = field(default_factory=list)  # train.py commands that run the seeds undecided rows need
 
     def described(self) -> str:
@@ -138,7 +139,10 @@ def _command(v: Variant, seeds: set) -> str:
 
 
 def build(
-    paths: Sequence[str | Path], baseline: str = "none", margin: float = 0.2, finished_only: bool = False
+    paths: Sequence[str | Path],
+    baseline: str = DEFAULT_BASELINE,
+    margin: float = DEFAULT_MARGIN,
+    finished_only: bool = False,
 ) -> Comparison:
     runs = load_runs(paths, finished_only)
     data = common_dataset(runs)
@@ -172,14 +176,15 @@ def render_markdown(c: Comparison) -> str:
 """
 
 
-def _plans_section(c: Comparison) -> str:
+def _plans_section(c: Comparison, within_section: bool = False) -> str:
+    """The commands that decide the undecided rows; `within_section`: for a block inside a document's own
+    section (a README's result), led by a bold title rather than a heading that would split that section."""
     if not c.plans:
         return ""
+    title = "**Deciding the undecided rows.** " if within_section else "## Deciding the undecided rows\n\n"
     commands = "\n".join(c.plans)
     return f"""
-## Deciding the undecided rows
-
-Each command runs only the seeds missing for a decision at the observed variance:
+{title}Each command runs only the seeds missing for a decision at the observed variance:
 
 ```bash
 {commands}
@@ -190,19 +195,25 @@ Each command runs only the seeds missing for a decision at the observed variance
 README_START, README_END = "<!-- compare.py ", "<!-- /compare.py -->"
 
 
-def readme_marker(paths: Sequence[str | Path]) -> str:
-    """The line above a comparison kept in a Markdown file: it names the paths it was made from."""
-    return f"{README_START}{' '.join(str(p) for p in paths)} -->"
+def readme_marker(paths: Sequence[str | Path], baseline: str = DEFAULT_BASELINE, margin: float = DEFAULT_MARGIN) -> str:
+    """The line above a comparison kept in a Markdown file: the compare.py arguments that make it (the paths,
+    and the baseline and margin where they are not the defaults), so the table can be remade from the line."""
+    args = [str(p) for p in paths]
+    if baseline != DEFAULT_BASELINE:
+        args += ["--baseline", baseline]
+    if margin != DEFAULT_MARGIN:
+        args += ["--margin", f"{margin:g}"]
+    return f"{README_START}{shlex.join(args)} -->"
 
 
 def readme_block(c: Comparison) -> str:
     """What a Markdown file keeps of a comparison: what was compared, the table, the commands that decide."""
-    return f"{c.described()}\n\n{markdown_table(c.table_rows(), COLUMNS)}\n{_plans_section(c)}"
+    return f"{c.described()}\n\n{markdown_table(c.table_rows(), COLUMNS)}\n{_plans_section(c, within_section=True)}"
 
 
 def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> None:
-    """Replace the block between readme_marker(paths) and README_END in `readme` with this comparison."""
-    marker = readme_marker(paths)
+    """Replace the block between the comparison's readme_marker and README_END in `readme` with it."""
+    marker = readme_marker(paths, c.baseline, c.margin)
     text = readme.read_text() if readme.is_file() else ""
     found = re.search(f"^{re.escape(marker)}\n", text, re.M)  # on a line of its own: not a mention in the text
     start = found.start() if found else -1
@@ -230,8 +241,8 @@ def default_out(paths: Sequence[str | Path]) -> Path:
 def compare(
     paths: Sequence[str | Path],
     *,
-    baseline: str = "none",
-    margin: float = 0.2,
+    baseline: str = DEFAULT_BASELINE,
+    margin: float = DEFAULT_MARGIN,
     out: Path | None = None,
     wandb_mode: str | None = "auto",
     readme: Path | None = None,
