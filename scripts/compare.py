@@ -3,6 +3,7 @@
     python scripts/compare.py multirun/2026-11-25_18-00-00             # a sweep: writes <it>/compare/
     python scripts/compare.py run_a run_b run_c --baseline cbam --out report --no-wandb
     python scripts/compare.py results/ablation_fmnist --finished-only --no-wandb --readme README.md  # README's table
+    python scripts/compare.py results/leave_one_out --baseline cbam_improved --bn-batch-stats  # eval.py bn_batch_stats
 
 Writes comparison.md (also printed), comparison.csv, comparison.html and PNG plots to --out, and logs
 one W&B run (job_type "compare") in the runs' group. Exit status: 0 done, 2 bad input (one line on stderr).
@@ -42,9 +43,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "without it, an unfinished run is an error",
     )  # fmt: skip
     parser.add_argument(
+        "--bn-batch-stats", action="store_true",
+        help="compare each run's final weights with BatchNorm layers on batch statistics: the val top-1 that "
+        "'python eval.py checkpoint=<run dir>/last.pt bn_batch_stats=GLOB' wrote beside the checkpoint; runs "
+        "without layers matching GLOB are compared as evaluated (a diagnostic of running statistics)",
+    )  # fmt: skip
+    parser.add_argument(
         "--readme", type=Path,
         help="also replace the table kept for this comparison in this Markdown file: the block between "
-        "'<!-- compare.py PATHS [--baseline B] [--margin M] -->' (the baseline and margin where not the defaults) "
+        "'<!-- compare.py PATHS [--baseline B] [--margin M] [--bn-batch-stats] -->' (the options not at their "
+        "defaults) "
         "and '<!-- /compare.py -->' (how README.md's results are regenerated)",
     )  # fmt: skip
     parser.add_argument(
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         compare(
             args.paths, baseline=args.baseline, margin=args.margin, out=args.out,
             wandb_mode=None if args.no_wandb else args.wandb_mode, readme=args.readme,
-            finished_only=args.finished_only,
+            finished_only=args.finished_only, bn_batch_stats=args.bn_batch_stats,
         )  # fmt: skip
     except ConfigError as e:
         log.error("error: %s", e)

@@ -3,6 +3,7 @@ finished run, best versus final epoch, the DataLoader, the file datasets, logger
 (train() from a composed config), tiny, each failing when its path is silently ignored."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from cbam.engine.eval_checkpoint import evaluate_checkpoint
 from cbam.engine.restore import restore_run
 from cbam.engine.run import RunContext, train
 from cbam.errors import ConfigError
-from cbam.report.report import build
+from cbam.report.report import README_END, build, readme_marker, update_readme
 
 # The LR stays 0.1 for the first epochs whatever trainer.epochs is, so a run resumed with more epochs
 # than it started with must match one that had them from the start.
@@ -116,6 +117,64 @@ def test_eval_can_normalise_chosen_batchnorms_with_each_batchs_statistics(tmp_pa
         bad = compose_config("eval", f"checkpoint={checkpoint}", "device=cpu", "wandb=false", *overrides)
         with pytest.raises(ConfigError, match=message):
             evaluate_checkpoint(bad)
+
+
+def test_compare_bn_batch_stats_compares_what_eval_measured_and_refuses_what_it_lacks(tmp_path):
+    """compare.py --bn-batch-stats: a run with BatchNorm layers matching the records' glob is compared at the
+    top-1 that eval.py bn_batch_stats measured on its last.pt, a run without such layers at its own final
+    top-1; a run that has such layers but no record, or a record of other weights, is refused, naming the
+    eval.py command that makes it."""
+    sweep = tmp_path / "sweep"
+    for attention in ("cbam", "cbam_improved"):
+        for seed in (0, 1):
+            train_in(sweep / f"{attention}-s{seed}", f"seed={seed}", attention=attention)
+    diagnostic = ["device=cpu", "wandb=false", "bn_batch_stats=*.channel.mlp.*"]
+    checkpoints = {seed: sweep / f"cbam_improved-s{seed}" / "last.pt" for seed in (0, 1)}
+    measured = {
+        s: evaluate_checkpoint(compose_config("eval", f"checkpoint={c}", *diagnostic)) for s, c in checkpoints.items()
+    }
+    final = {(a, s): json.loads((sweep / f"{a}-s{s}" / "summary.json").read_text())["final"]["val/top1"]
+             for a in ("cbam", "cbam_improved") for s in (0, 1)}  # fmt: skip
+
+    c = build([sweep], baseline="cbam", bn_batch_stats=True)
+    variants = {v.name: v for v in c.variants}
+    assert variants["cbam_improved"].top1 == [measured[0]["val/top1"], measured[1]["val/top1"]]
+    assert variants["cbam"].top1 == [final["cbam", 0], final["cbam", 1]]
+    differences = [measured[s]["val/top1"] - final["cbam", s] for s in (0, 1)]
+    assert variants["cbam_improved"].paired.diff == pytest.approx(np.mean(differences))
+    assert c.bn_pattern == "*.channel.mlp.*" and c.config()["bn_batch_stats"] == "*.channel.mlp.*"
+    assert "matching '*.channel.mlp.*' on batch statistics (eval.py bn_batch_stats); cbam have no such" in c.described()
+    shown = {row["variant"]: row for row in c.seed_rows()}
+    assert shown["cbam_improved"]["seed 1"] == f"{final['cbam_improved', 1]:.2f} → {measured[1]['val/top1']:.2f}"
+    assert shown["cbam"]["seed 0"] == f"{final['cbam', 0]:.2f}"
+    # A README keeps it under a marker of its own, with each run's two accuracies by seed below the table.
+    readme = tmp_path / "README.md"
+    marker = readme_marker([sweep], baseline="cbam", bn_batch_stats=True)
+    assert marker == f"<!-- compare.py {sweep} --baseline cbam --bn-batch-stats -->"
+    readme.write_text(f"{marker}\nold\n{README_END}\n")
+    update_readme(readme, [sweep], c)
+    block = readme.read_text()
+    assert "| variant | seed 0 | seed 1 |" in block and "old" not in block
+    assert f"| cbam_improved | {shown['cbam_improved']['seed 0']} | {shown['cbam_improved']['seed 1']} |" in block
+    # Without the option, the same runs are compared as they evaluated themselves.
+    plain = {v.name: v for v in build([sweep], baseline="cbam").variants}
+    assert plain["cbam_improved"].top1 == [final["cbam_improved", 0], final["cbam_improved", 1]]
+
+    record = sweep / "cbam_improved-s1" / "eval-last-bn_batch_stats.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"epoch": 0}))
+    with pytest.raises(ConfigError, match="evaluated the weights of epoch 0, but the run ended at epoch 1"):
+        build([sweep], baseline="cbam", bn_batch_stats=True)
+    record.unlink()
+    lacking = f"python eval.py checkpoint={sweep / 'cbam_improved-s1'}/last.pt 'bn_batch_stats=*.channel.mlp.*'"
+    refused = (
+        "1 run(s) have BatchNorm layers matching '*.channel.mlp.*' but no eval-last-bn_batch_stats.json: "
+        f"make it with {lacking}"
+    )
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        build([sweep], baseline="cbam", bn_batch_stats=True)
+    (sweep / "cbam_improved-s0" / "eval-last-bn_batch_stats.json").unlink()
+    with pytest.raises(ConfigError, match="none of the runs has eval-last-bn_batch_stats.json"):
+        build([sweep], baseline="cbam", bn_batch_stats=True)
 
 
 def test_resume_auto_in_an_empty_dir_starts_from_scratch(tmp_path):

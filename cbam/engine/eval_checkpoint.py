@@ -13,7 +13,7 @@ from cbam.errors import ConfigError, instantiate_config
 from .checkpoint import load_checkpoint
 from .device import autocast_kwargs, resolve_device
 from .loop import evaluate
-from .records import RunRecords, write_json_atomic
+from .records import RunRecords, evaluation_name, write_json_atomic
 from .restore import restore_run, run_config
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         **({"bn_batch_stats": batch_stats} if batch_stats else {}),
     }
     # the diagnostic's numbers go beside the checkpoint's own evaluation, never over it
-    name = f"eval-{run.path.stem}" + ("-bn_batch_stats" if batch_stats else "")
+    name = evaluation_name(run.path, bn_batch_stats=batch_stats is not None)
     output = Path(cfg.output) if cfg.output else run.path.parent / f"{name}.json"
     write_json_atomic(output, result)
     print(json.dumps(result, indent=2))
@@ -71,18 +71,26 @@ def _use_batch_statistics(model: nn.Module, pattern: str) -> list[str]:
     """The BatchNorm layers of `model` whose name matches `pattern` normalise with each batch's own
     statistics in eval mode too, as they did in training: without running statistics, PyTorch's BatchNorm
     uses the batch's. Their running statistics are dropped from this in-memory model only. Returns their names."""
-    norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    chosen = [name for name in norms if fnmatchcase(name, pattern)]
+    chosen = batch_norms_matching(model, pattern)
     if not chosen:
+        norms = batch_norms_matching(model, "*")
         examples = ", ".join(list(norms)[:3]) or "none: the model has no BatchNorm"
         raise ConfigError(
             f"bn_batch_stats={pattern!r} matches none of the model's {len(norms)} BatchNorm layers "
             f"(e.g. {examples}); pass a glob of their names, e.g. '*' for all of them"
         )
-    for name in chosen:
-        norms[name].track_running_stats = False
-        norms[name].running_mean = norms[name].running_var = norms[name].num_batches_tracked = None
-    return chosen
+    for norm in chosen.values():
+        norm.track_running_stats = False
+        norm.running_mean = norm.running_var = norm.num_batches_tracked = None
+    return list(chosen)
+
+
+def batch_norms_matching(model: nn.Module, pattern: str) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers whose module name matches the glob, by name."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and fnmatchcase(name, pattern)
+    }  # fmt: skip
 
 
 def _check_batches(loader, pattern: str) -> None:

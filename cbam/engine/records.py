@@ -29,6 +29,12 @@ WHAT_A_RUN_HOLDS = (
 )
 
 
+def evaluation_name(checkpoint: Path, bn_batch_stats: bool = False) -> str:
+    """What eval.py calls its record of `checkpoint` (`<name>.json` beside it): eval-last, eval-best, and
+    eval-last-bn_batch_stats for the diagnostic, which never overwrites the plain evaluation."""
+    return f"eval-{Path(checkpoint).stem}" + ("-bn_batch_stats" if bn_batch_stats else "")
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; null reads as "not measured"

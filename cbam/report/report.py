@@ -11,16 +11,25 @@ from cbam.errors import ConfigError
 
 from .fairness import IGNORED, Difference, config_differences
 from .render import html_table, markdown_table, render_html, write_csv
-from .runs import Run, common_dataset, find_run_dirs, load_runs
+from .runs import BN_BATCH_STATS_RECORD, Run, common_dataset, find_run_dirs, load_runs, use_bn_batch_stats
 from .table import COLUMNS, CSV_COLUMNS, Variant, csv_row, markdown_row, summarize
 
 log = logging.getLogger(__name__)
 
 TITLE = "Attention variants compared"
-NOTE = (
+ACCURACY = (
     "Accuracy is the final epoch's val top-1 (summary.json final['val/top1']), not the best epoch's: the val "
     "split is the dataset's test split (unless data.holdout > 0), so picking the best epoch on it would give an "
-    "optimistic, selected number. Mean ± sample std over seeds. Δ vs baseline: difference of the means, with "
+    "optimistic, selected number."
+)
+BN_ACCURACY = (
+    "Accuracy is the val top-1 of the final weights (last.pt) with the BatchNorm layers matching {pattern!r} "
+    "normalising each val batch with its own statistics instead of their running ones, as eval.py bn_batch_stats "
+    f"measured it ({BN_BATCH_STATS_RECORD} beside the checkpoint): a diagnostic of what those running statistics "
+    "cost, not a deployable model's accuracy. Runs without such layers keep the final epoch's val top-1."
+)
+NOTE = (
+    "{accuracy} Mean ± sample std over seeds. Δ vs baseline: difference of the means, with "
     "Welch's 95% confidence interval and p (unequal variances). Δ paired: the mean of the per-seed differences "
     "over the seeds both share, with its t interval and p (paired t-test); same seed, same data order and "
     "augmentation. p (Holm): the paired p (else Welch's), Holm-adjusted over the table's rows. verdict: better "
@@ -47,14 +56,37 @@ class Comparison:
     differences: list[Difference]
     margin: float = DEFAULT_MARGIN
     plans: list[str] = field(default_factory=list)  # train.py commands that run the seeds undecided rows need
+    bn_pattern: str | None = None  # compared with these BatchNorm layers on batch statistics (--bn-batch-stats)
 
     def described(self) -> str:
         models = ", ".join(sorted({r.summary["model"] for r in self.runs}))
         epochs = ", ".join(sorted({str(r.summary["epochs"]) for r in self.runs}))
-        return (
+        described = (
             f"Compared {len(self.runs)} runs of {len(self.variants)} variants: {models} on {self.data}, "
             f"{epochs} epochs each; baseline: {self.baseline}."
         )
+        if self.bn_pattern is None:
+            return described
+        as_trained = [v.name for v in self.variants if all(r.evaluated_top1 is None for r in v.runs)]
+        return described + (
+            f" Accuracy: the final weights' val top-1 with the BatchNorm layers matching {self.bn_pattern!r} on "
+            "batch statistics (eval.py bn_batch_stats)"
+            + (f"; {', '.join(as_trained)} have no such layers and are compared as evaluated." if as_trained else ".")
+        )
+
+    def note(self) -> str:
+        accuracy = ACCURACY if self.bn_pattern is None else BN_ACCURACY.format(pattern=self.bn_pattern)
+        return NOTE.format(accuracy=accuracy, margin=self.margin)
+
+    def seed_rows(self) -> list[dict]:
+        """Variant x seed: each run's final val top-1, and where the comparison evaluates it otherwise, -> that."""
+        seeds = sorted({s for v in self.variants for s in v.seeds})
+        rows = []
+        for v in self.variants:
+            by_seed = {r.summary["seed"]: r for r in v.runs}
+            cells = {f"seed {s}": _evaluated(by_seed[s]) if s in by_seed else "-" for s in seeds}
+            rows.append({"variant": v.name} | cells)
+        return rows
 
     def table_rows(self) -> list[dict]:
         return [markdown_row(v, self.margin) for v in self.variants]
@@ -68,7 +100,7 @@ class Comparison:
                 "run": r.name,
                 "variant": r.variant,
                 "seed": r.summary["seed"],
-                "val top-1 %": f"{r.top1:.2f}",
+                "val top-1 %": _evaluated(r),
                 "train img/s": f"{r.summary['train_img_per_s']:,.0f}" if r.summary.get("train_img_per_s") else "n/a",
                 "dir": _shown(r.dir),
             }
@@ -81,6 +113,7 @@ class Comparison:
         return {
             "baseline": self.baseline,
             "data": self.data,
+            "bn_batch_stats": self.bn_pattern,
             "variants": [v.name for v in self.variants],
             "runs": [
                 {
@@ -93,6 +126,12 @@ class Comparison:
                 for r in self.runs
             ],
         }
+
+
+def _evaluated(run: Run) -> str:
+    """A run's final val top-1, and the top-1 compared where that differs: '84.27 -> 88.70'."""
+    final = f"{run.final_top1:.2f}"
+    return final if run.evaluated_top1 is None else f"{final} → {run.evaluated_top1:.2f}"
 
 
 def _shown(path: Path) -> str:
@@ -143,11 +182,13 @@ def build(
     baseline: str = DEFAULT_BASELINE,
     margin: float = DEFAULT_MARGIN,
     finished_only: bool = False,
+    bn_batch_stats: bool = False,
 ) -> Comparison:
     runs = load_runs(paths, finished_only)
     data = common_dataset(runs)
+    pattern = use_bn_batch_stats(runs) if bn_batch_stats else None
     variants = summarize(runs, baseline, margin)
-    return Comparison(runs, variants, baseline, data, config_differences(runs), margin, plans(variants))
+    return Comparison(runs, variants, baseline, data, config_differences(runs), margin, plans(variants), pattern)
 
 
 def render_markdown(c: Comparison) -> str:
@@ -158,7 +199,7 @@ def render_markdown(c: Comparison) -> str:
 
 {markdown_table(c.table_rows(), COLUMNS)}
 
-{NOTE.format(margin=c.margin)}
+{c.note()}
 {_plans_section(c)}
 ## Unfair comparisons
 
@@ -183,37 +224,61 @@ def _plans_section(c: Comparison, within_section: bool = False) -> str:
         return ""
     title = "**Deciding the undecided rows.** " if within_section else "## Deciding the undecided rows\n\n"
     commands = "\n".join(c.plans)
+    evaluate = (
+        f"\nThen evaluate each new run that has such BatchNorm layers, as the others were: "
+        f"`python eval.py checkpoint=<run dir>/last.pt 'bn_batch_stats={c.bn_pattern}'`.\n"
+        if c.bn_pattern is not None
+        else ""
+    )
     return f"""
 {title}Each command runs only the seeds missing for a decision at the observed variance:
 
 ```bash
 {commands}
 ```
-"""
+{evaluate}"""
 
 
 README_START, README_END = "<!-- compare.py ", "<!-- /compare.py -->"
 
 
-def readme_marker(paths: Sequence[str | Path], baseline: str = DEFAULT_BASELINE, margin: float = DEFAULT_MARGIN) -> str:
+def readme_marker(
+    paths: Sequence[str | Path],
+    baseline: str = DEFAULT_BASELINE,
+    margin: float = DEFAULT_MARGIN,
+    bn_batch_stats: bool = False,
+) -> str:
     """The line above a comparison kept in a Markdown file: the compare.py arguments that make it (the paths,
-    and the baseline and margin where they are not the defaults), so the table can be remade from the line."""
+    and the options that are not the defaults), so the table can be remade from the line."""
     args = [str(p) for p in paths]
     if baseline != DEFAULT_BASELINE:
         args += ["--baseline", baseline]
     if margin != DEFAULT_MARGIN:
         args += ["--margin", f"{margin:g}"]
+    if bn_batch_stats:
+        args.append("--bn-batch-stats")
     return f"{README_START}{shlex.join(args)} -->"
 
 
 def readme_block(c: Comparison) -> str:
-    """What a Markdown file keeps of a comparison: what was compared, the table, the commands that decide."""
-    return f"{c.described()}\n\n{markdown_table(c.table_rows(), COLUMNS)}\n{_plans_section(c, within_section=True)}"
+    """What a Markdown file keeps of a comparison: what was compared, the table, the commands that decide;
+    for a comparison that evaluates the runs otherwise, each run's two accuracies by seed too."""
+    per_seed = ""
+    if c.bn_pattern is not None:
+        rows = c.seed_rows()
+        per_seed = (
+            "\nBy seed: each run's final val top-1 as it evaluated itself → with those layers on batch statistics.\n\n"
+            f"{markdown_table(rows, list(rows[0]))}\n"
+        )
+    return (
+        f"{c.described()}\n\n{markdown_table(c.table_rows(), COLUMNS)}\n{per_seed}"
+        f"{_plans_section(c, within_section=True)}"
+    )
 
 
 def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> None:
     """Replace the block between the comparison's readme_marker and README_END in `readme` with it."""
-    marker = readme_marker(paths, c.baseline, c.margin)
+    marker = readme_marker(paths, c.baseline, c.margin, c.bn_pattern is not None)
     text = readme.read_text() if readme.is_file() else ""
     found = re.search(f"^{re.escape(marker)}\n", text, re.M)  # on a line of its own: not a mention in the text
     start = found.start() if found else -1
@@ -247,12 +312,13 @@ def compare(
     wandb_mode: str | None = "auto",
     readme: Path | None = None,
     finished_only: bool = False,
+    bn_batch_stats: bool = False,
 ) -> Comparison:
     """Write comparison.md/.csv/.html and the plots to `out` and print the Markdown; log to W&B unless
     wandb_mode is None; replace the table kept for these paths in `readme` when given."""
     from .plots import write_plots  # matplotlib: imported once the inputs are known to be good
 
-    c = build(paths, baseline, margin, finished_only)
+    c = build(paths, baseline, margin, finished_only, bn_batch_stats)
     if readme is not None:
         update_readme(Path(readme), paths, c)
     out = Path(out) if out is not None else default_out(paths)
@@ -267,7 +333,7 @@ def compare(
         title=TITLE,
         described=c.described(),
         table=html_table(c.table_rows(), COLUMNS),
-        note=NOTE.format(margin=c.margin),
+        note=c.note(),
         unfair=[str(d) for d in c.differences],
         fair_note=FAIR,
         runs=html_table(c.run_rows(), RUN_COLUMNS),

@@ -1,12 +1,17 @@
 """Finding and reading finished runs: our own records (summary.json, metrics.jsonl, config.yaml), never W&B."""
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbam.engine.records import WHAT_A_RUN_HOLDS, RunRecords
+from omegaconf import OmegaConf
+
+from cbam.engine.eval_checkpoint import batch_norms_matching
+from cbam.engine.records import WHAT_A_RUN_HOLDS, RunRecords, evaluation_name
 from cbam.errors import ConfigError
+from cbam.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +24,22 @@ class Run:
     config: dict  # the resolved config
     history: list[dict]  # metrics.jsonl, one row per epoch
     sweep: Path | None  # the multirun dir it was found in
+    # the same final weights evaluated otherwise (compare.py --bn-batch-stats), compared in place of final_top1
+    evaluated_top1: float | None = None
 
     @property
     def variant(self) -> str:
         return self.summary["variant"]
 
     @property
-    def top1(self) -> float:
-        """The final epoch's val top-1: the accuracy compared (see README, "Comparing variants")."""
+    def final_top1(self) -> float:
+        """The final epoch's val top-1 as the run evaluated it (see README, "Comparing variants")."""
         return self.summary["final"]["val/top1"]
+
+    @property
+    def top1(self) -> float:
+        """The accuracy compared: the final epoch's, unless the comparison evaluates the runs otherwise."""
+        return self.final_top1 if self.evaluated_top1 is None else self.evaluated_top1
 
 
 def find_run_dirs(paths: Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
@@ -100,3 +112,53 @@ def common_dataset(runs: list[Run]) -> str:
             f"the runs were trained on different datasets ({listing}): compare the runs of one dataset at a time"
         )
     return next(iter(by_data))
+
+
+BN_BATCH_STATS_RECORD = evaluation_name(Path("last.pt"), bn_batch_stats=True) + ".json"
+
+
+def use_bn_batch_stats(runs: list[Run]) -> str:
+    """Compare each run's final weights with BatchNorm layers on batch statistics: the val top-1 that
+    `eval.py checkpoint=<run>/last.pt bn_batch_stats=GLOB` wrote to BN_BATCH_STATS_RECORD beside it. A run
+    whose model has no BatchNorm the glob matches keeps its own final top-1 (the diagnostic would change
+    nothing); any other run without the record is an error that says how to make it. Returns the glob."""
+    patterns: dict[str, list[str]] = {}
+    for run in runs:
+        path = run.dir / BN_BATCH_STATS_RECORD
+        if not path.exists():
+            continue
+        try:
+            record = json.loads(path.read_text())
+            pattern, epoch, top1 = record["bn_batch_stats"]["pattern"], record["epoch"], record["val/top1"]
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"cannot read {path} ({e!r}): make it again with "
+                f"python eval.py checkpoint={run.dir}/last.pt 'bn_batch_stats=<glob of BN layers>'"
+            ) from e
+        if epoch != run.summary["epochs"]:
+            raise ConfigError(
+                f"{path} evaluated the weights of epoch {epoch}, but the run ended at epoch {run.summary['epochs']}: "
+                f"evaluate its last.pt again (python eval.py checkpoint={run.dir}/last.pt 'bn_batch_stats={pattern}')"
+            )
+        patterns.setdefault(pattern, []).append(run.name)
+        run.evaluated_top1 = float(top1)
+    if not patterns:
+        raise ConfigError(
+            f"--bn-batch-stats: none of the runs has {BN_BATCH_STATS_RECORD}: make them with "
+            "python eval.py checkpoint=<run dir>/last.pt 'bn_batch_stats=<glob of BN layers>'"
+        )
+    if len(patterns) > 1:
+        listing = "; ".join(f"{p!r}: {', '.join(names)}" for p, names in patterns.items())
+        raise ConfigError(f"the {BN_BATCH_STATS_RECORD} records use different globs ({listing}): evaluate all with one")
+    [pattern] = patterns
+    lacking = [
+        run for run in runs
+        if run.evaluated_top1 is None and batch_norms_matching(build_model(OmegaConf.create(run.config)), pattern)
+    ]  # fmt: skip
+    if lacking:
+        commands = "; ".join(f"python eval.py checkpoint={r.dir}/last.pt 'bn_batch_stats={pattern}'" for r in lacking)
+        raise ConfigError(
+            f"{len(lacking)} run(s) have BatchNorm layers matching {pattern!r} but no {BN_BATCH_STATS_RECORD}: "
+            f"make it with {commands}"
+        )
+    return pattern
