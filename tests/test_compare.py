@@ -136,7 +136,7 @@ def test_table_and_csv_match_the_runs_summaries(sweep, report):
         assert float(r["val_top1_mean"]) == pytest.approx(e["mean"])
         assert float(r["val_top1_std"]) == pytest.approx(e["std"])
         assert int(r["params"]) == e["params"] and int(r["flops"]) == e["flops"]
-        assert r["n"] == "2" and r["seeds"] == "0 1"
+        assert r["n"] == "2" and r["seeds"] == "0 1" and r["accuracy"] == "final_epoch"
         assert float(r["train_img_per_s"]) == pytest.approx(e["rate"])
         assert float(r["train_img_per_s_ratio"]) == pytest.approx(e["ratio"])
     base, cbam = table
@@ -476,6 +476,21 @@ def test_verdicts_and_the_command_that_decides_an_undecided_row(tmp_path):
     assert commands == [
         f"python train.py -m attention=none trainer.epochs=3 seed={missing} hydra.sweep.dir={tmp_path} resume=auto",
         f"python train.py -m attention=unclear trainer.epochs=3 seed={missing} hydra.sweep.dir={tmp_path} resume=auto",
+    ]
+
+
+def test_a_paired_plan_pairs_first_the_seeds_one_side_already_ran(tmp_path):
+    """The variant ran seed 4, the baseline not: the next pair is seed 4, which only the baseline runs."""
+    base = [90.0, 90.4, 89.8, 90.2]
+    variant = [b + e for b, e in zip([*base, 90.1], [0.9, 0.2, 1.5, 0.6, 0.8], strict=True)]
+    runs = [fake_run("none", s, t, tmp_path) for s, t in enumerate(base)]
+    runs += [fake_run("x", s, t, tmp_path) for s, t in enumerate(variant)]
+    variants = summarize(runs, "none")
+    d = variants[1].decision
+    assert (d.test.kind, d.test.n, d.verdict, d.seeds_needed) == ("paired", 4, "undecided", 6)
+    assert plans(variants) == [
+        f"python train.py -m attention=none trainer.epochs=3 seed=4,5 hydra.sweep.dir={tmp_path} resume=auto",
+        f"python train.py -m attention=x trainer.epochs=3 seed=5 hydra.sweep.dir={tmp_path} resume=auto",
     ]
 
 

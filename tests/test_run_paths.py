@@ -21,6 +21,8 @@ from cbam.engine.restore import restore_run
 from cbam.engine.run import RunContext, train
 from cbam.errors import ConfigError
 from cbam.report.report import README_END, build, readme_marker, update_readme
+from cbam.report.runs import BatchStatsEval
+from cbam.report.table import csv_row
 
 # The LR stays 0.1 for the first epochs whatever trainer.epochs is, so a run resumed with more epochs
 # than it started with must match one that had them from the start.
@@ -142,8 +144,14 @@ def test_compare_bn_batch_stats_compares_what_eval_measured_and_refuses_what_it_
     assert variants["cbam"].top1 == [final["cbam", 0], final["cbam", 1]]
     differences = [measured[s]["val/top1"] - final["cbam", s] for s in (0, 1)]
     assert variants["cbam_improved"].paired.diff == pytest.approx(np.mean(differences))
-    assert c.bn_pattern == "*.channel.mlp.*" and c.config()["bn_batch_stats"] == "*.channel.mlp.*"
-    assert "matching '*.channel.mlp.*' on batch statistics (eval.py bn_batch_stats); cbam have no such" in c.described()
+    assert c.bn == BatchStatsEval("*.channel.mlp.*", 32)  # the runs' training batch size (TINY), eval.py's default
+    assert c.config()["bn_batch_stats"] == {"pattern": "*.channel.mlp.*", "batch_size": 32}
+    assert c.described().endswith(
+        "Accuracy: the final weights' val top-1 with the BatchNorm layers matching '*.channel.mlp.*' on the "
+        "statistics of each val batch of 32 (eval.py bn_batch_stats); without such layers, cbam keep their "
+        "final-epoch top-1."
+    )
+    assert [csv_row(v)["accuracy"] for v in c.variants] == ["final_epoch", "bn_batch_stats"]
     shown = {row["variant"]: row for row in c.seed_rows()}
     assert shown["cbam_improved"]["seed 1"] == f"{final['cbam_improved', 1]:.2f} → {measured[1]['val/top1']:.2f}"
     assert shown["cbam"]["seed 0"] == f"{final['cbam', 0]:.2f}"
@@ -160,19 +168,34 @@ def test_compare_bn_batch_stats_compares_what_eval_measured_and_refuses_what_it_
     plain = {v.name: v for v in build([sweep], baseline="cbam").variants}
     assert plain["cbam_improved"].top1 == [final["cbam_improved", 0], final["cbam_improved", 1]]
 
-    record = sweep / "cbam_improved-s1" / "eval-last-bn_batch_stats.json"
-    record.write_text(json.dumps(json.loads(record.read_text()) | {"epoch": 0}))
-    with pytest.raises(ConfigError, match="evaluated the weights of epoch 0, but the run ended at epoch 1"):
-        build([sweep], baseline="cbam", bn_batch_stats=True)
-    record.unlink()
-    lacking = f"python eval.py checkpoint={sweep / 'cbam_improved-s1'}/last.pt 'bn_batch_stats=*.channel.mlp.*'"
-    refused = (
-        "1 run(s) have BatchNorm layers matching '*.channel.mlp.*' but no eval-last-bn_batch_stats.json: "
-        f"make it with {lacking}"
+    # Refused, each with the eval.py command that makes the record: one of other weights, of another run,
+    # measured another way, unreadable; a run with such layers and none; no record at all.
+    records = {seed: sweep / f"cbam_improved-s{seed}" / "eval-last-bn_batch_stats.json" for seed in (0, 1)}
+    written = records[1].read_text()
+    remake = f"python eval.py checkpoint={sweep / 'cbam_improved-s1'}/last.pt 'bn_batch_stats="
+    for change, refusal in [
+        ({"epoch": 0}, "evaluated the weights of epoch 0, but the run ended at epoch 1: evaluate its last.pt again ("
+                       f"{remake}*.channel.mlp.*')"),
+        ({"checkpoint": measured[0]["checkpoint"]}, f"is the record of {checkpoints[0]}, not of this run's last.pt: "
+                                                    f"{remake}<glob of BN layers>'"),
+        ({"bn_batch_stats": measured[1]["bn_batch_stats"] | {"batch_size": 16}},
+         "measured in different ways ('*.channel.mlp.*' in batches of 32: cbam_improved-s0; '*.channel.mlp.*' in "
+         "batches of 16: cbam_improved-s1): evaluate them all alike"),
+        ({"val/top1": None}, f"(TypeError(\"float() argument must be a string or a real number, not 'NoneType'\")): "
+                             f"make it again with {remake}<glob of BN layers>'"),
+    ]:  # fmt: skip
+        records[1].write_text(json.dumps(json.loads(written) | change))
+        with pytest.raises(ConfigError, match=re.escape(refusal)):
+            build([sweep], baseline="cbam", bn_batch_stats=True)
+    records[1].unlink()
+    refusal = (
+        "1 run(s) have BatchNorm layers matching '*.channel.mlp.*' but no eval-last-bn_batch_stats.json "
+        f"({sweep / 'cbam_improved-s1'}): make it in each with "
+        "python eval.py checkpoint=<run dir>/last.pt 'bn_batch_stats=*.channel.mlp.*'"
     )
-    with pytest.raises(ConfigError, match=re.escape(refused)):
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
         build([sweep], baseline="cbam", bn_batch_stats=True)
-    (sweep / "cbam_improved-s0" / "eval-last-bn_batch_stats.json").unlink()
+    records[0].unlink()
     with pytest.raises(ConfigError, match="none of the runs has eval-last-bn_batch_stats.json"):
         build([sweep], baseline="cbam", bn_batch_stats=True)
 

@@ -2,13 +2,13 @@
 
 import json
 import logging
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cbam.errors import ConfigError, instantiate_config
+from cbam.models import batch_norms_matching
 
 from .checkpoint import load_checkpoint
 from .device import autocast_kwargs, resolve_device
@@ -83,14 +83,6 @@ def _use_batch_statistics(model: nn.Module, pattern: str) -> list[str]:
         norm.track_running_stats = False
         norm.running_mean = norm.running_var = norm.num_batches_tracked = None
     return list(chosen)
-
-
-def batch_norms_matching(model: nn.Module, pattern: str) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """The model's BatchNorm layers whose module name matches the glob, by name."""
-    return {
-        name: m for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and fnmatchcase(name, pattern)
-    }  # fmt: skip
 
 
 def _check_batches(loader, pattern: str) -> None:

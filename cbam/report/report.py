@@ -11,7 +11,16 @@ from cbam.errors import ConfigError
 
 from .fairness import IGNORED, Difference, config_differences
 from .render import html_table, markdown_table, render_html, write_csv
-from .runs import BN_BATCH_STATS_RECORD, Run, common_dataset, find_run_dirs, load_runs, use_bn_batch_stats
+from .runs import (
+    BN_BATCH_STATS_RECORD,
+    EVAL_COMMAND,
+    BatchStatsEval,
+    Run,
+    common_dataset,
+    find_run_dirs,
+    load_runs,
+    use_bn_batch_stats,
+)  # fmt: skip
 from .table import COLUMNS, CSV_COLUMNS, Variant, csv_row, markdown_row, summarize
 
 log = logging.getLogger(__name__)
@@ -24,9 +33,10 @@ ACCURACY = (
 )
 BN_ACCURACY = (
     "Accuracy is the val top-1 of the final weights (last.pt) with the BatchNorm layers matching {pattern!r} "
-    "normalising each val batch with its own statistics instead of their running ones, as eval.py bn_batch_stats "
-    f"measured it ({BN_BATCH_STATS_RECORD} beside the checkpoint): a diagnostic of what those running statistics "
-    "cost, not a deployable model's accuracy. Runs without such layers keep the final epoch's val top-1."
+    "normalising each val batch of {batch_size} with its own statistics instead of their running ones, as eval.py "
+    f"bn_batch_stats measured it ({BN_BATCH_STATS_RECORD} beside the checkpoint): a diagnostic of what those "
+    "running statistics cost, not a deployable model's accuracy. Runs without such layers keep their final-epoch "
+    "val top-1 (summary.json), which the diagnostic would not change."
 )
 NOTE = (
     "{accuracy} Mean ± sample std over seeds. Δ vs baseline: difference of the means, with "
@@ -45,6 +55,7 @@ FAIR = (
 )
 RUN_COLUMNS = ["run", "variant", "seed", "val top-1 %", "train img/s", "dir"]
 DEFAULT_BASELINE, DEFAULT_MARGIN = "none", 0.2
+COMPARE, COMPARE_BN = "compare", "compare-bn_batch_stats"
 
 
 @dataclass
@@ -56,7 +67,7 @@ class Comparison:
     differences: list[Difference]
     margin: float = DEFAULT_MARGIN
     plans: list[str] = field(default_factory=list)  # train.py commands that run the seeds undecided rows need
-    bn_pattern: str | None = None  # compared with these BatchNorm layers on batch statistics (--bn-batch-stats)
+    bn: BatchStatsEval | None = None  # compared with these BatchNorm layers on batch statistics (--bn-batch-stats)
 
     def described(self) -> str:
         models = ", ".join(sorted({r.summary["model"] for r in self.runs}))
@@ -65,21 +76,29 @@ class Comparison:
             f"Compared {len(self.runs)} runs of {len(self.variants)} variants: {models} on {self.data}, "
             f"{epochs} epochs each; baseline: {self.baseline}."
         )
-        if self.bn_pattern is None:
+        if self.bn is None:
             return described
-        as_trained = [v.name for v in self.variants if all(r.evaluated_top1 is None for r in v.runs)]
+        unchanged = [v.name for v in self.variants if all(r.evaluated_top1 is None for r in v.runs)]
         return described + (
-            f" Accuracy: the final weights' val top-1 with the BatchNorm layers matching {self.bn_pattern!r} on "
-            "batch statistics (eval.py bn_batch_stats)"
-            + (f"; {', '.join(as_trained)} have no such layers and are compared as evaluated." if as_trained else ".")
+            f" Accuracy: the final weights' val top-1 with the BatchNorm layers matching {self.bn.pattern!r} on the "
+            f"statistics of each val batch of {self.bn.batch_size} (eval.py bn_batch_stats)"
+            + (f"; without such layers, {', '.join(unchanged)} keep their final-epoch top-1." if unchanged else ".")
         )
 
+    def name(self) -> str:
+        """Its default output dir's name and its W&B run's: the two comparisons of one sweep never collide."""
+        return COMPARE if self.bn is None else COMPARE_BN
+
+    def accuracy_label(self) -> str:
+        """What the plots' accuracy axes show."""
+        return "final-epoch val top-1 (%)" if self.bn is None else "val top-1, chosen BN on batch statistics (%)"
+
     def note(self) -> str:
-        accuracy = ACCURACY if self.bn_pattern is None else BN_ACCURACY.format(pattern=self.bn_pattern)
+        accuracy = ACCURACY if self.bn is None else BN_ACCURACY.format(**vars(self.bn))
         return NOTE.format(accuracy=accuracy, margin=self.margin)
 
     def seed_rows(self) -> list[dict]:
-        """Variant x seed: each run's final val top-1, and where the comparison evaluates it otherwise, -> that."""
+        """Variant x seed: each run's final-epoch val top-1, and where the comparison evaluates it otherwise, → that."""
         seeds = sorted({s for v in self.variants for s in v.seeds})
         rows = []
         for v in self.variants:
@@ -113,7 +132,7 @@ class Comparison:
         return {
             "baseline": self.baseline,
             "data": self.data,
-            "bn_batch_stats": self.bn_pattern,
+            "bn_batch_stats": vars(self.bn) if self.bn else None,
             "variants": [v.name for v in self.variants],
             "runs": [
                 {
@@ -129,7 +148,7 @@ class Comparison:
 
 
 def _evaluated(run: Run) -> str:
-    """A run's final val top-1, and the top-1 compared where that differs: '84.27 -> 88.70'."""
+    """A run's final-epoch val top-1, and the top-1 compared where that differs: '84.27 → 88.70'."""
     final = f"{run.final_top1:.2f}"
     return final if run.evaluated_top1 is None else f"{final} → {run.evaluated_top1:.2f}"
 
@@ -154,19 +173,25 @@ def plans(variants: list[Variant]) -> list[str]:
     commands, base_missing = [], set()
     for v in variants[1:]:
         d = v.decision
-        if d.verdict != "undecided" or d.seeds_needed is None or d.seeds_needed <= len(v.runs):
+        if d.verdict != "undecided" or d.seeds_needed is None:
             continue
-        have = set(v.seeds) & set(base.seeds) if d.test.kind == "paired" else set(v.seeds)
-        target = sorted(have)
+        paired = d.test.kind == "paired"
+        have = set(v.seeds) & set(base.seeds) if paired else set(v.seeds)
+        if d.seeds_needed <= len(have):
+            continue
+        # Paired, a seed that one side already ran is the cheapest next pair: only the other side runs it.
+        one_side = sorted((set(v.seeds) | set(base.seeds)) - have) if paired else []
+        target = sorted(have) + one_side[: d.seeds_needed - len(have)]
         nxt = max([*v.seeds, *base.seeds], default=-1) + 1
         while len(target) < d.seeds_needed:
             target.append(nxt)
             nxt += 1
-        commands.append(_command(v, set(target) - set(v.seeds)))
+        if own := set(target) - set(v.seeds):
+            commands.append(_command(v, own))
         base_missing |= set(target) - set(base.seeds)
     if base_missing:
         commands.insert(0, _command(base, base_missing))
-    return [c for c in commands if c]
+    return commands
 
 
 def _command(v: Variant, seeds: set) -> str:
@@ -186,9 +211,9 @@ def build(
 ) -> Comparison:
     runs = load_runs(paths, finished_only)
     data = common_dataset(runs)
-    pattern = use_bn_batch_stats(runs) if bn_batch_stats else None
+    bn = use_bn_batch_stats(runs) if bn_batch_stats else None
     variants = summarize(runs, baseline, margin)
-    return Comparison(runs, variants, baseline, data, config_differences(runs), margin, plans(variants), pattern)
+    return Comparison(runs, variants, baseline, data, config_differences(runs), margin, plans(variants), bn)
 
 
 def render_markdown(c: Comparison) -> str:
@@ -225,9 +250,9 @@ def _plans_section(c: Comparison, within_section: bool = False) -> str:
     title = "**Deciding the undecided rows.** " if within_section else "## Deciding the undecided rows\n\n"
     commands = "\n".join(c.plans)
     evaluate = (
-        f"\nThen evaluate each new run that has such BatchNorm layers, as the others were: "
-        f"`python eval.py checkpoint=<run dir>/last.pt 'bn_batch_stats={c.bn_pattern}'`.\n"
-        if c.bn_pattern is not None
+        "\nThen evaluate each new run that has such BatchNorm layers, as the others were: "
+        f"`{EVAL_COMMAND.format(run='<run dir>', pattern=c.bn.pattern)}`.\n"
+        if c.bn is not None
         else ""
     )
     return f"""
@@ -264,10 +289,10 @@ def readme_block(c: Comparison) -> str:
     """What a Markdown file keeps of a comparison: what was compared, the table, the commands that decide;
     for a comparison that evaluates the runs otherwise, each run's two accuracies by seed too."""
     per_seed = ""
-    if c.bn_pattern is not None:
+    if c.bn is not None:
         rows = c.seed_rows()
         per_seed = (
-            "\nBy seed: each run's final val top-1 as it evaluated itself → with those layers on batch statistics.\n\n"
+            "\nBy seed: each run's final-epoch val top-1 → with those layers on batch statistics.\n\n"
             f"{markdown_table(rows, list(rows[0]))}\n"
         )
     return (
@@ -278,7 +303,7 @@ def readme_block(c: Comparison) -> str:
 
 def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> None:
     """Replace the block between the comparison's readme_marker and README_END in `readme` with it."""
-    marker = readme_marker(paths, c.baseline, c.margin, c.bn_pattern is not None)
+    marker = readme_marker(paths, c.baseline, c.margin, c.bn is not None)
     text = readme.read_text() if readme.is_file() else ""
     found = re.search(f"^{re.escape(marker)}\n", text, re.M)  # on a line of its own: not a mention in the text
     start = found.start() if found else -1
@@ -294,13 +319,15 @@ def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> N
     log.info("table written to %s", readme)
 
 
-def default_out(paths: Sequence[str | Path]) -> Path:
-    """<multirun dir>/compare for one multirun dir, else ./compare."""
+def default_out(paths: Sequence[str | Path], bn_batch_stats: bool = False) -> Path:
+    """<multirun dir>/compare for one multirun dir, else ./compare; compare-bn_batch_stats for that comparison,
+    so that it never overwrites the plain one."""
+    name = COMPARE_BN if bn_batch_stats else COMPARE
     found = find_run_dirs(paths)
     sweeps = {sweep for _, sweep in found}
     if len(paths) == 1 and len(sweeps) == 1 and None not in sweeps:
-        return Path(paths[0]) / "compare"
-    return Path("compare")
+        return Path(paths[0]) / name
+    return Path(name)
 
 
 def compare(
@@ -321,14 +348,14 @@ def compare(
     c = build(paths, baseline, margin, finished_only, bn_batch_stats)
     if readme is not None:
         update_readme(Path(readme), paths, c)
-    out = Path(out) if out is not None else default_out(paths)
+    out = Path(out) if out is not None else default_out(paths, bn_batch_stats)
     out.mkdir(parents=True, exist_ok=True)
     for d in c.differences:
         log.warning("warning: unfair comparison: the runs differ in %s", d)
     markdown = render_markdown(c)
     (out / "comparison.md").write_text(markdown)
     write_csv(out / "comparison.csv", c.csv_rows(), CSV_COLUMNS)
-    plots = write_plots(c.variants, out)
+    plots = write_plots(c.variants, out, c.accuracy_label())
     page = render_html(
         title=TITLE,
         described=c.described(),
@@ -346,6 +373,7 @@ def compare(
 
         log_comparison(
             runs=c.runs,
+            name=c.name(),
             mode=wandb_mode,
             out=out,
             config=c.config(),
@@ -356,6 +384,7 @@ def compare(
                     "variant": r.variant,
                     "seed": r.summary["seed"],
                     "val_top1": r.top1,
+                    "final_val_top1": r.final_top1,
                     "train_img_per_s": r.summary.get("train_img_per_s"),
                 }
                 for r in c.runs

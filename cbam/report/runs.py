@@ -8,10 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cbam.engine.eval_checkpoint import batch_norms_matching
 from cbam.engine.records import WHAT_A_RUN_HOLDS, RunRecords, evaluation_name
 from cbam.errors import ConfigError
-from cbam.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -115,50 +113,65 @@ def common_dataset(runs: list[Run]) -> str:
 
 
 BN_BATCH_STATS_RECORD = evaluation_name(Path("last.pt"), bn_batch_stats=True) + ".json"
+EVAL_COMMAND = "python eval.py checkpoint={run}/last.pt 'bn_batch_stats={pattern}'"
 
 
-def use_bn_batch_stats(runs: list[Run]) -> str:
+@dataclass(frozen=True)
+class BatchStatsEval:
+    """How compare.py --bn-batch-stats's accuracies were measured: eval.py's glob and val batch size."""
+
+    pattern: str
+    batch_size: int
+
+
+def use_bn_batch_stats(runs: list[Run]) -> BatchStatsEval:
     """Compare each run's final weights with BatchNorm layers on batch statistics: the val top-1 that
     `eval.py checkpoint=<run>/last.pt bn_batch_stats=GLOB` wrote to BN_BATCH_STATS_RECORD beside it. A run
-    whose model has no BatchNorm the glob matches keeps its own final top-1 (the diagnostic would change
-    nothing); any other run without the record is an error that says how to make it. Returns the glob."""
-    patterns: dict[str, list[str]] = {}
+    whose model has no BatchNorm the glob matches keeps its final-epoch top-1 (the diagnostic would change
+    nothing there); a run that has such layers but no record is an error that says how to make it, and so
+    are records of other weights and records measured another way (batch statistics depend on the batch)."""
+    from cbam.models import batch_norms_matching, build_model  # torch: only for this option
+
+    ways: dict[BatchStatsEval, list[str]] = {}
     for run in runs:
         path = run.dir / BN_BATCH_STATS_RECORD
         if not path.exists():
             continue
+        remake = EVAL_COMMAND.format(run=run.dir, pattern="<glob of BN layers>")
         try:
             record = json.loads(path.read_text())
-            pattern, epoch, top1 = record["bn_batch_stats"]["pattern"], record["epoch"], record["val/top1"]
+            way = BatchStatsEval(record["bn_batch_stats"]["pattern"], int(record["bn_batch_stats"]["batch_size"]))
+            checkpoint, epoch, top1 = Path(record["checkpoint"]), record["epoch"], float(record["val/top1"])
         except (ValueError, OSError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"cannot read {path} ({e!r}): make it again with "
-                f"python eval.py checkpoint={run.dir}/last.pt 'bn_batch_stats=<glob of BN layers>'"
-            ) from e
+            raise ConfigError(f"cannot read {path} ({e!r}): make it again with {remake}") from e
+        if (checkpoint.parent.name, checkpoint.name) != (run.dir.name, "last.pt"):
+            raise ConfigError(f"{path} is the record of {checkpoint}, not of this run's last.pt: {remake}")
         if epoch != run.summary["epochs"]:
             raise ConfigError(
                 f"{path} evaluated the weights of epoch {epoch}, but the run ended at epoch {run.summary['epochs']}: "
-                f"evaluate its last.pt again (python eval.py checkpoint={run.dir}/last.pt 'bn_batch_stats={pattern}')"
+                f"evaluate its last.pt again ({EVAL_COMMAND.format(run=run.dir, pattern=way.pattern)})"
             )
-        patterns.setdefault(pattern, []).append(run.name)
-        run.evaluated_top1 = float(top1)
-    if not patterns:
+        ways.setdefault(way, []).append(run.name)
+        run.evaluated_top1 = top1
+    if not ways:
         raise ConfigError(
             f"--bn-batch-stats: none of the runs has {BN_BATCH_STATS_RECORD}: make them with "
-            "python eval.py checkpoint=<run dir>/last.pt 'bn_batch_stats=<glob of BN layers>'"
+            + EVAL_COMMAND.format(run="<run dir>", pattern="<glob of BN layers>")
         )
-    if len(patterns) > 1:
-        listing = "; ".join(f"{p!r}: {', '.join(names)}" for p, names in patterns.items())
-        raise ConfigError(f"the {BN_BATCH_STATS_RECORD} records use different globs ({listing}): evaluate all with one")
-    [pattern] = patterns
+    if len(ways) > 1:
+        listing = "; ".join(f"{w.pattern!r} in batches of {w.batch_size}: {', '.join(n)}" for w, n in ways.items())
+        raise ConfigError(
+            f"the {BN_BATCH_STATS_RECORD} records were measured in different ways ({listing}): evaluate them all "
+            f"alike, e.g. {EVAL_COMMAND.format(run='<run dir>', pattern=next(iter(ways)).pattern)}"
+        )
+    [way] = ways
     lacking = [
-        run for run in runs
-        if run.evaluated_top1 is None and batch_norms_matching(build_model(OmegaConf.create(run.config)), pattern)
+        str(run.dir) for run in runs
+        if run.evaluated_top1 is None and batch_norms_matching(build_model(OmegaConf.create(run.config)), way.pattern)
     ]  # fmt: skip
     if lacking:
-        commands = "; ".join(f"python eval.py checkpoint={r.dir}/last.pt 'bn_batch_stats={pattern}'" for r in lacking)
         raise ConfigError(
-            f"{len(lacking)} run(s) have BatchNorm layers matching {pattern!r} but no {BN_BATCH_STATS_RECORD}: "
-            f"make it with {commands}"
+            f"{len(lacking)} run(s) have BatchNorm layers matching {way.pattern!r} but no {BN_BATCH_STATS_RECORD} "
+            f"({', '.join(lacking)}): make it in each with {EVAL_COMMAND.format(run='<run dir>', pattern=way.pattern)}"
         )
-    return pattern
+    return way

@@ -18,7 +18,7 @@ COLUMNS = [
     "img/s vs baseline", "epochs",
 ]  # fmt: skip
 CSV_COLUMNS = [
-    "variant", "n", "seeds", "val_top1_mean", "val_top1_std", "delta_vs_baseline", "delta_ci95_low",
+    "variant", "n", "seeds", "val_top1_mean", "val_top1_std", "accuracy", "delta_vs_baseline", "delta_ci95_low",
     "delta_ci95_high", "p_welch", "welch_df", "n_paired", "delta_paired", "ci_low_paired", "ci_high_paired",
     "p_paired", "p_holm", "p_equivalence", "p_equivalence_holm", "verdict", "seeds_needed", "bootstrap_low",
     "bootstrap_high", "effect_size", "params", "flops", "train_img_per_s", "train_img_per_s_ratio", "epochs",
@@ -243,6 +243,8 @@ def csv_row(v: Variant) -> dict:
         "seeds": " ".join(map(str, v.seeds)),
         "val_top1_mean": v.top1_mean,
         "val_top1_std": _finite(v.top1_std),
+        # which top-1 the row holds: compare.py --bn-batch-stats's where the runs have it
+        "accuracy": "bn_batch_stats" if any(r.evaluated_top1 is not None for r in v.runs) else "final_epoch",
         "delta_vs_baseline": v.diff,
         "delta_ci95_low": _finite(welch.ci_low) if welch else None,
         "delta_ci95_high": _finite(welch.ci_high) if welch else None,

@@ -37,6 +37,7 @@ def _init(wandb, mode: str, **init):
 def log_comparison(
     *,
     runs: list[Run],
+    name: str,
     mode: str,
     out: Path,
     config: dict,
@@ -45,8 +46,8 @@ def log_comparison(
     run_rows: list[dict],
     plots: dict[str, Path],
 ) -> str | None:
-    """Log the comparison table, one row per run (variant, seed, final val top-1, train img/s) and the plots;
-    returns the W&B run id, or None when W&B failed (a warning says why)."""
+    """Log the comparison table, one row per run (variant, seed, top-1 compared and final-epoch, train img/s)
+    and the plots, as a run called `name`; returns the W&B run id, or None when W&B failed (a warning says why)."""
     logger = runs[0].config.get("logger") or {}
     try:
         import wandb
@@ -56,7 +57,7 @@ def log_comparison(
             resolve_mode(mode),
             project=logger.get("project", "cbam-ablate"),
             entity=logger.get("entity"),
-            name="compare",
+            name=name,
             job_type="compare",
             group=wandb_group(runs),
             tags=["compare", runs[0].summary["data"]],
