@@ -268,7 +268,7 @@ def build_trainee(cfg: DictConfig, bench: Bench, total_steps: int) -> TrainState
         optimizer, steps_per_epoch=total_steps, epochs=1
     )
     scaler = torch.amp.GradScaler(bench.device.type, enabled=bench.mode.precision == "fp16")
-    return TrainState(model, optimizer, scheduler, scaler, ema=None, config={})
+    return TrainState(model, optimizer, scheduler, scaler, ema=None, config={}, steps_per_epoch=total_steps)
 
 
 def maybe_compile(model: nn.Module, compiled: bool) -> nn.Module:

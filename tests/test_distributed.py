@@ -21,6 +21,9 @@ from wandb_records import read_run
 from cbam.attention.channel import DescriptorBatchNorm
 from cbam.cli import torchrun_argv
 from cbam.engine import distributed as dist
+from cbam.engine.loop import StepChecks, StepParts
+from cbam.engine.state import EpochMeter
+from cbam.errors import Diverged
 
 # 256 images, 8 steps an epoch: 2 processes x 16 against 1 x 32. A gentle lr: at the default 0.1 these
 # nets, still at chance, blow float32 rounding up to 1e-4 in 16 steps and hide what is compared.
@@ -210,10 +213,7 @@ def _bn_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.slow  # ~10 s: two spawned processes import this module
 def test_cpu_sync_batchnorm_over_two_ranks_is_batchnorm_over_their_union(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_sync_bn_worker, args=(port, str(tmp_path / "rank0.pt")), nprocs=2)
+    torch.multiprocessing.spawn(_sync_bn_worker, args=(_free_port(), str(tmp_path / "rank0.pt")), nprocs=2)
     got = torch.load(tmp_path / "rank0.pt", weights_only=True)
 
     torch.manual_seed(0)
@@ -225,6 +225,40 @@ def test_cpu_sync_batchnorm_over_two_ranks_is_batchnorm_over_their_union(tmp_pat
     torch.testing.assert_close(got["y"], y.detach()[0::2])
     torch.testing.assert_close(got["state"], model.state_dict())  # running mean, unbiased var, count
     torch.testing.assert_close(got["grads"], [p.grad for p in model.parameters()])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _checks_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 alone has a non-finite fp16 loss, at step 2 of 4; one skip is over the allowance of none."""
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        parts = StepParts(None, None, {}, False, None, None, log_every=4, max_nonfinite=0)
+        checks = StepChecks(parts, EpochMeter(), torch.device("cpu"), epoch=0, steps=8, per_rank_loss=True)
+        for step in range(4):
+            checks.record(torch.tensor(rank == 1 and step == 2))
+        try:
+            checks.check()
+            outcome = "went on"
+        except Diverged as e:
+            outcome = str(e)
+        Path(f"{out}.{rank}").write_text(outcome)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~10 s: two spawned processes import this module
+def test_ranks_agree_to_stop_when_one_ranks_fp16_loss_was_not_finite(tmp_path):
+    """With fp16 each rank judges its own loss (GradScaler handles overflowing gradients), so the check
+    takes the count over the ranks: both stop at the same check, naming the same step, and none waits
+    in a collective the other left."""
+    torch.multiprocessing.spawn(_checks_worker, args=(_free_port(), str(tmp_path / "outcome")), nprocs=2)
+    outcomes = [(tmp_path / f"outcome.{rank}").read_text() for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("non-finite loss at epoch 0, step 3 of 8")
 
 
 def test_one_process_under_torchrun_still_joins_a_process_group(tmp_path):

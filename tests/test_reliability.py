@@ -17,6 +17,7 @@ from test_train import FAST, METRICS, rows, run
 from wandb_records import read_run
 
 from cbam.engine.checkpoint import CheckpointError, save_checkpoint
+from cbam.engine.records import RunRecords
 from cbam.errors import Diverged
 
 LONGER = [*FAST, "data.source.train_size=512", "trainer.epochs=3"]  # 16 steps an epoch: time to interrupt
@@ -158,6 +159,28 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_a_resume_rewrites_the_records_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A resume rewrites config.yaml and cuts metrics.jsonl back to the checkpoint's epoch: a process killed
+    in the middle (here: its rename fails) leaves the records as they were, never torn or empty."""
+    records = RunRecords(tmp_path)
+    records.write_config({"seed": 0})
+    for epoch in range(3):
+        records.append_metrics({"epoch": epoch, "val/top1": 50.0 + epoch})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def killed(src, dst):
+        raise OSError(errno.EIO, "killed mid-write")
+
+    monkeypatch.setattr(os, "replace", killed)
+    for rewrite in (lambda: records.keep_epochs_before(1), lambda: records.write_config({"seed": 1})):
+        with pytest.raises(OSError, match="killed mid-write"):
+            rewrite()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temp file left behind
+    monkeypatch.undo()
+    records.keep_epochs_before(1)
+    assert records.read_metrics() == [{"epoch": 0, "val/top1": 50.0}]
 
 
 def test_a_full_disk_during_training_is_one_clear_error(tmp_path):

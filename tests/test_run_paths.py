@@ -112,7 +112,12 @@ def test_eval_can_normalise_chosen_batchnorms_with_each_batchs_statistics(tmp_pa
     assert json.loads((run_dir / "eval-last-bn_batch_stats.json").read_text()) == result
     assert (checkpoint.read_bytes(), (run_dir / "eval-last.json").read_bytes()) == untouched
 
+    # output=PATH: its dir is made; a path that cannot be a file is one clear error.
+    elsewhere = tmp_path / "reports" / "diagnostic.json"
+    evaluate_checkpoint(compose_config("eval", f"checkpoint={checkpoint}", *diagnostic, f"output={elsewhere}"))
+    assert json.loads(elsewhere.read_text())["val/top1"] == result["val/top1"]
     for overrides, message in [
+        ([f"output={elsewhere}/x.json"], re.escape(f"cannot write {elsewhere}/x.json (File exists: {elsewhere})")),
         (["bn_batch_stats=*.no_such_layer"], "matches none of the model's 21 BatchNorm layers"),
         (["bn_batch_stats=*", "batch_size=3"], "leaves a batch of one of the 64 val images"),  # 64 = 21 * 3 + 1
     ]:
@@ -216,6 +221,43 @@ def test_resume_from_a_checkpoint_into_a_new_dir_continues_it_there(tmp_path):
     assert tree_digest(tmp_path / "first") == before  # the run resumed from is only read
     log = (tmp_path / "second" / "train.log").read_text()
     assert f"resumed from {tmp_path / 'first' / 'last.pt'} at epoch 1" in log
+
+
+def test_a_run_resumed_with_other_steps_per_epoch_continues_its_schedule_in_its_own_steps(tmp_path):
+    """An epoch's end resumes with any number of processes or batch size, which changes the steps in an epoch:
+    the LR schedule continues at the resumed run's own step (a cosine over three epochs of two steps), not
+    at the old run's step count. Mid-epoch, the steps must match."""
+    train_in(tmp_path / "first", "data.batch_size=32")  # one epoch of 4 steps
+    first = tmp_path / "first" / "last.pt"
+    train_in(tmp_path / "resumed", f"resume={first}", "trainer.epochs=3", "data.batch_size=64")  # 2 steps an epoch
+    train_in(tmp_path / "straight", "trainer.epochs=3", "data.batch_size=64")
+    lr = {name: [r["lr"] for r in rows(tmp_path / name)] for name in ("resumed", "straight")}
+    assert lr["resumed"] == lr["straight"][1:] and lr["resumed"][0] > 0  # at step 4 of 6; the old count gave 0
+
+    state = load_checkpoint(first)
+    state["meter"]["steps"] = 1  # as if written one step into epoch 1
+    torch.save(state, tmp_path / "mid.pt")
+    with pytest.raises(ConfigError, match="written mid-epoch with 4 steps an epoch, and this run has 2"):
+        train_in(tmp_path / "mid", f"resume={tmp_path / 'mid.pt'}", "trainer.epochs=3", "data.batch_size=64")
+    assert not (tmp_path / "mid").exists()
+
+
+def test_another_runs_checkpoint_starts_a_run_of_its_own_and_never_over_one(tmp_path):
+    """resume=<another run's checkpoint>: a new run in this dir with its own W&B run (the original's is left
+    alone); refused over a dir that holds a run, and for a checkpoint with nothing left to train."""
+    train_in(tmp_path / "first", "logger=wandb")
+    checkpoint = tmp_path / "first" / "last.pt"
+    original = load_checkpoint(checkpoint)["wandb_id"]
+    forked = train_in(tmp_path / "fork", f"resume={checkpoint}", "trainer.epochs=2", "logger=wandb")
+    assert original and forked["wandb_run_id"] not in (None, original)
+
+    before = tree_digest(tmp_path / "fork")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'fork'} already holds a run: resume={checkpoint} would"):
+        train_in(tmp_path / "fork", f"resume={checkpoint}", "trainer.epochs=2")
+    finished = tmp_path / "fork" / "last.pt"
+    with pytest.raises(ConfigError, match=f"{finished} has finished all 2 epochs: nothing is left to train in "):
+        train_in(tmp_path / "another", f"resume={finished}", "trainer.epochs=2")
+    assert tree_digest(tmp_path / "fork") == before and not (tmp_path / "another").exists()
 
 
 def test_relaunching_a_finished_run_does_nothing(tmp_path):

@@ -214,7 +214,11 @@ def slow(*case):
         ("train.py", ["trainer.epochs=0"], "trainer.epochs=0 must be a positive integer"),
         slow("train.py", ["data.batch_size=-8"], "data.batch_size=-8 must be a positive integer"),
         slow("train.py", ["resume=/no/such/last.pt"], "/no/such/last.pt does not exist"),
-        ("train.py", ["resume=FINISHED/last.pt", "attention=cbam_deep_spatial"], "different model or attention"),
+        (
+            "train.py",
+            ["resume=FINISHED/last.pt", "trainer.epochs=2", "attention=cbam_deep_spatial"],
+            "different model or attention",
+        ),
         slow("eval.py", ["checkpoint=FINISHED/last.pt", "batch_size=0"], "must be a positive integer"),
         slow("eval.py", ["checkpoint=/no/such/best.pt"], "/no/such/best.pt does not exist"),
         ("eval.py", ["checkpoint=NOT_A_CHECKPOINT"], "is not a readable checkpoint"),

@@ -163,6 +163,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """The run's peak memory in MiB and what it measures: on CUDA the allocator's peak since the run began
+    (train() resets it); elsewhere the process's peak RSS, which in a multirun covers the jobs before it too."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"  # ru_maxrss is in KiB

@@ -86,6 +86,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def any_rank(*flags: bool, device: torch.device) -> list[bool]:
     """For each flag, whether it is set on any rank: one tiny all-reduce, none in a single process.
     Decisions that change which collectives run (skip a step, stop) must be the same on every rank."""

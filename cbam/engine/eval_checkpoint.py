@@ -59,7 +59,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     # the diagnostic's numbers go beside the checkpoint's own evaluation, never over it
     name = evaluation_name(run.path, bn_batch_stats=batch_stats is not None)
     output = Path(cfg.output) if cfg.output else run.path.parent / f"{name}.json"
-    write_json_atomic(output, result)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output, result)
+    except OSError as e:
+        reason = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise ConfigError(f"cannot write {output} ({reason}): pass output=PATH somewhere writable") from e
     print(json.dumps(result, indent=2))
     log.info("written to %s", output)
     if cfg.wandb:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from cbam.errors import Diverged
 
-from .distributed import all_reduce_sum, any_rank, is_distributed
+from .distributed import all_reduce_max, all_reduce_sum, any_rank, is_distributed
 from .state import EpochMeter, TrainState
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,17 @@ class StepChecks:
     steps with no collective of its own. The count is read back every `log_every` steps and at the end of
     the epoch (`check`): the run stops there, with exit 3, once more than `max_nonfinite` steps were skipped,
     naming the step that went past the allowance (the steps between it and the check were skipped too).
+    With fp16 (`per_rank_loss`) a step counts when this rank's loss is not finite (GradScaler skips and
+    rescales on overflowing gradients itself), which ranks do not share: under DDP the check then takes the
+    largest count over the ranks (one all-reduce), so that all stop together.
     Stop signals: every step in one process, every `log_every` steps (one all-reduce) under torchrun.
     """
 
-    def __init__(self, parts: StepParts, meter: EpochMeter, device: torch.device, epoch: int, steps: int):
+    def __init__(
+        self, parts: StepParts, meter: EpochMeter, device: torch.device, epoch: int, steps: int, per_rank_loss: bool
+    ):
         self.parts, self.meter, self.epoch, self.steps = parts, meter, epoch, steps
+        self.agree = per_rank_loss and is_distributed()
         self.skipped = torch.full((), meter.nonfinite, dtype=torch.int64, device=device)  # on the device
         self.over_at = torch.full((), -1, dtype=torch.int64, device=device)  # epoch step past the allowance
         self.step = torch.full((), meter.steps, dtype=torch.int64, device=device)  # this epoch's steps so far
@@ -76,6 +82,9 @@ class StepChecks:
 
     def check(self) -> None:
         """The host sync: warn about the steps skipped since the last check, stop past the allowance."""
+        if self.agree:
+            self.skipped = all_reduce_max(self.skipped)
+            self.over_at = all_reduce_max(self.over_at)
         skipped = int(self.skipped)
         self.meter.nonfinite = skipped
         allowed = self.parts.max_nonfinite
@@ -124,7 +133,7 @@ def train_one_epoch(
     # [sum of loss * n, correct, n] over the steps not skipped, on the device
     sums = torch.tensor([meter.loss_sum, meter.correct, meter.count], dtype=torch.float64, device=device)
     one = torch.ones((), dtype=torch.float64, device=device)
-    checks = StepChecks(parts, meter, device, epoch, len(loader))
+    checks = StepChecks(parts, meter, device, epoch, len(loader), per_rank_loss=state.scaler.is_enabled())
     timing = dict(meter.timing)
     start = time.perf_counter()
     timed_start, timed_images = None, 0

@@ -5,6 +5,7 @@ loader length, which are only known at run time: the YAML names the shape, the c
 """
 
 import math
+import warnings
 
 from omegaconf import DictConfig
 from timm.optim import param_groups_weight_decay
@@ -29,6 +30,17 @@ def build_optimizer(optim_cfg: DictConfig, model: nn.Module) -> Optimizer:
             "non-finite step without a host sync: use a torch optimizer with optim.optimizer.fused=true (SGD, AdamW)"
         )
     return optimizer
+
+
+def start_at(scheduler: LRScheduler, step: int) -> None:
+    """Put a schedule built for this run at optimizer step `step`, with the LR it gives there: how a resumed
+    run continues. The old run's scheduler state is not loaded, since it counts in that run's steps, and a run
+    resumed with another number of processes (or epochs) has another number of steps per epoch (or in all).
+    Every schedule here is a closed form of the step, so this is the LR that `step` calls of step() give."""
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # no optimizer step has run in this process yet, and that is intended
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 def _warmup_factor(step: int, warmup_steps: int) -> float:

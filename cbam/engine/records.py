@@ -45,12 +45,23 @@ def _json_safe(value):
     return value
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, fsync, rename over it: a crash leaves the old file or the new one,
+    never a torn or empty one (the records are a run's history; a resume rewrites them)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 class RunRecords:
@@ -92,7 +103,17 @@ class RunRecords:
             return None
         if resume == "auto":
             return self.last if self.last.exists() else None  # none yet: a fresh start
-        return Path(resume)
+        path = Path(resume)
+        if not self.holds(path) and self.has_trained():
+            raise ConfigError(
+                f"{self.dir} already holds a run: resume={path} would start another from that checkpoint over it; "
+                "choose another hydra.run.dir, or pass resume=auto to continue the run there"
+            )
+        return path
+
+    def holds(self, checkpoint: Path) -> bool:
+        """`checkpoint` is this run's own (resuming it continues this run; any other starts a new one here)."""
+        return checkpoint.resolve().parent == self.dir.resolve()
 
     @contextmanager
     def logging_to_file(self, enabled: bool = True):
@@ -117,7 +138,7 @@ class RunRecords:
             ours.setLevel(level)
 
     def write_config(self, cfg: DictConfig | dict) -> None:
-        self.config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(self.config, OmegaConf.to_yaml(cfg, resolve=True))
 
     def read_config(self) -> dict:
         return OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
@@ -130,7 +151,7 @@ class RunRecords:
     def keep_epochs_before(self, epoch: int) -> None:
         """On resume: drop rows of epochs the checkpoint does not cover (they will be run again)."""
         rows = [r for r in self.read_metrics() if r["epoch"] < epoch]
-        self.metrics.write_text("".join(json.dumps(_json_safe(r)) + "\n" for r in rows))
+        write_text_atomic(self.metrics, "".join(json.dumps(_json_safe(r)) + "\n" for r in rows))
 
     def append_metrics(self, row: dict) -> None:
         with self.metrics.open("a") as f:

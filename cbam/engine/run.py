@@ -135,6 +135,7 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
     if device.type == "cuda":
         torch.cuda.set_device(device)
         configure_cuda()
+        torch.cuda.reset_peak_memory_stats(device)  # the jobs of a multirun share this process: each its own peak
     # Each run starts from a clean compile state: the jobs of one multirun run in one process and would
     # otherwise share dynamo's recompile budget (8 entries), past which it quietly runs eager.
     torch._dynamo.reset()
@@ -150,9 +151,17 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
         if finished and records.finished(cfg.trainer.epochs):
             log.info("%s already finished all %d epochs; nothing to do", records.dir, cfg.trainer.epochs)
             return records.read_summary()
+        forked = resume_path is not None and not records.holds(resume_path)  # another run's checkpoint
+        if forked and checkpoint["epoch"] >= cfg.trainer.epochs:
+            raise ConfigError(
+                f"{resume_path} has finished all {checkpoint['epoch']} epochs: nothing is left to train in "
+                f"{records.dir}; pass trainer.epochs={checkpoint['epoch'] + 1} or more to train it further"
+            )
         fast = choose_fast_path(cfg.trainer, device, recorded=checkpoint["config"]["trainer"] if checkpoint else None)
         cfg = with_fast_path(cfg, fast)
         run = set_up(cfg, device, checkpoint, str(resume_path), fast)
+        if forked:  # a run of its own, in W&B too: the run it started from keeps its W&B run as it was
+            run.state.wandb_id = None
         main_process = dist.rank() == 0
         if main_process:
             records.dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +290,7 @@ def build_state(cfg: DictConfig, device: torch.device, *, steps_per_epoch: int, 
         if cfg.trainer.ema_decay
         else None
     )
-    return TrainState(model, optimizer, scheduler, scaler, ema, config=resolved), cost
+    return TrainState(model, optimizer, scheduler, scaler, ema, config=resolved, steps_per_epoch=steps_per_epoch), cost
 
 
 def step_parts(cfg: DictConfig, state: TrainState, device: torch.device) -> StepParts:

@@ -11,6 +11,7 @@ from cbam.errors import ConfigError
 from . import distributed as dist
 from .checkpoint import load_model_state
 from .device import rng_state, set_rng_state
+from .optim import start_at
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     ema: nn.Module | None  # timm.utils.ModelEmaV3
     config: dict  # the resolved run config, so a checkpoint copied elsewhere still says what it is
+    steps_per_epoch: int  # this process's optimizer steps in an epoch (the schedule counts in them)
     epoch: int = 0
     global_step: int = 0
     meter: EpochMeter = field(default_factory=EpochMeter)
@@ -56,7 +58,6 @@ class TrainState:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_state(),
@@ -67,6 +68,7 @@ class TrainState:
             "best_epoch": self.best_epoch,
             "wandb_id": self.wandb_id,
             "world_size": dist.world_size(),  # a mid-epoch checkpoint resumes with as many processes
+            "steps_per_epoch": self.steps_per_epoch,  # ... and as many steps in an epoch
             "config": self.config,
         }
 
@@ -76,9 +78,13 @@ class TrainState:
                 f"{source} was written mid-epoch by {state.get('world_size', 1)} process(es), and each "
                 f"process's share of an epoch depends on their number: resume it with as many, not {dist.world_size()}"
             )
+        if state["meter"]["steps"] and state.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+            raise ConfigError(
+                f"{source} was written mid-epoch with {state['steps_per_epoch']} steps an epoch, and this run has "
+                f"{self.steps_per_epoch}: resume it with the data.batch_size it trained with, or from an epoch's end"
+            )
         load_model_state(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -86,6 +92,7 @@ class TrainState:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best_top1, self.best_epoch, self.wandb_id = state["best_top1"], state["best_epoch"], state["wandb_id"]
         self.meter = EpochMeter(**state["meter"])
+        start_at(self.scheduler, self.epoch * self.steps_per_epoch + self.meter.steps)
         if dist.rank() != 0:  # rank 0's meter holds the sums of every rank (see gather_meter)
             self.meter = replace(self.meter, loss_sum=0.0, correct=0.0, count=0)
 
