@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bn-batch-stats", action="store_true",
         help="compare each run's final weights with BatchNorm layers on batch statistics: the val top-1 that "
         "'python eval.py checkpoint=<run dir>/last.pt bn_batch_stats=GLOB' wrote beside the checkpoint; runs "
-        "without layers matching GLOB are compared as evaluated (a diagnostic of running statistics)",
+        "without layers matching GLOB keep their final-epoch top-1 (a diagnostic of running statistics)",
     )  # fmt: skip
     parser.add_argument(
         "--readme", type=Path,

@@ -20,7 +20,7 @@ from .runs import (
     find_run_dirs,
     load_runs,
     use_bn_batch_stats,
-)  # fmt: skip
+)
 from .table import COLUMNS, CSV_COLUMNS, Variant, csv_row, markdown_row, summarize
 
 log = logging.getLogger(__name__)
@@ -319,10 +319,8 @@ def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> N
     log.info("table written to %s", readme)
 
 
-def default_out(paths: Sequence[str | Path], bn_batch_stats: bool = False) -> Path:
-    """<multirun dir>/compare for one multirun dir, else ./compare; compare-bn_batch_stats for that comparison,
-    so that it never overwrites the plain one."""
-    name = COMPARE_BN if bn_batch_stats else COMPARE
+def default_out(paths: Sequence[str | Path], name: str = COMPARE) -> Path:
+    """<multirun dir>/<name> for one multirun dir, else ./<name>; `name` is the comparison's (Comparison.name)."""
     found = find_run_dirs(paths)
     sweeps = {sweep for _, sweep in found}
     if len(paths) == 1 and len(sweeps) == 1 and None not in sweeps:
@@ -348,7 +346,7 @@ def compare(
     c = build(paths, baseline, margin, finished_only, bn_batch_stats)
     if readme is not None:
         update_readme(Path(readme), paths, c)
-    out = Path(out) if out is not None else default_out(paths, bn_batch_stats)
+    out = Path(out) if out is not None else default_out(paths, c.name())
     out.mkdir(parents=True, exist_ok=True)
     for d in c.differences:
         log.warning("warning: unfair comparison: the runs differ in %s", d)
