@@ -2,6 +2,7 @@
 Data-parallel over N processes: `torchrun --nproc_per_node=N train.py ...` (README: Distributed training).
 
 Exit status: 0 done, 2 bad input, 3 non-finite loss, 75 stopped by SIGTERM/SIGINT (resume=auto continues).
+In a multirun a job that fails with 2 or 3 does not stop the others; the multirun exits with the first one's status.
 """
 
 import sys

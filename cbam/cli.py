@@ -17,13 +17,17 @@ from omegaconf import DictConfig
 
 from cbam.engine.distributed import launched_rank
 from cbam.engine.run import RunContext, train
-from cbam.errors import EXIT_BAD_INPUT, CbamError
+from cbam.errors import EXIT_BAD_INPUT, CbamError, Preempted
 
 log = logging.getLogger("cbam")
 
 
 def entry_point(fn):
-    """Turn the errors a user can act on into one line and an exit status instead of a traceback."""
+    """Turn the errors a user can act on into one line and an exit status instead of a traceback.
+
+    In a multirun, a job that diverges or is given a bad value ends only itself: Hydra records it as failed
+    and runs the rest, then raises the first failure, which `run_hydra` turns into this exit status. A stop
+    signal (Preempted) still ends the whole multirun at once: that is what it asks for."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,6 +35,8 @@ def entry_point(fn):
             return fn(*args, **kwargs)
         except CbamError as e:
             e.report(log)
+            if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(e, Preempted):
+                raise
             sys.exit(e.exit_code)
 
     return wrapper
@@ -64,6 +70,9 @@ def run_hydra(main) -> None:
     except (ConfigCompositionException, OverrideParseException) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except CbamError as e:  # a multirun's first failed job, raised by Hydra once every job has run
+        print(f"error: a job of this multirun failed (the others ran): {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def hydra_run_context() -> RunContext:

@@ -194,6 +194,21 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
     assert {r["group"] for r in wandb_runs} == {"sweep"} and all(r["exit_code"] == 0 for r in wandb_runs)
 
 
+def test_a_diverging_job_ends_only_itself_and_the_multirun_exits_with_its_status(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run(
+        "train.py", "-m", *FAST, "optim.optimizer.lr=1e12,0.1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-2000:]
+    diverged, trained = sweep / "0-resnet20-cbam-s0", sweep / "1-resnet20-cbam-s0"
+    assert not (diverged / "summary.json").exists() and "non-finite loss" in (diverged / "train.log").read_text()
+    assert json.loads((trained / "summary.json").read_text())["epochs"] == 1  # it ran after the failure
+    assert [read_run(d)["exit_code"] for d in (diverged, trained)] == [3, 0]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: a job of this multirun failed (the others ran): non-finite loss at epoch 0")
+    assert "Traceback" not in result.stderr
+
+
 # ---- bad input ----
 
 
