@@ -250,6 +250,26 @@ def test_constant_samples_give_na_not_a_number(tmp_path):
     assert values["delta_vs_baseline"] == pytest.approx(1.0) and values["verdict"] == "undecided"
 
 
+def test_a_difference_of_the_same_count_at_every_seed_is_no_spread_and_welch_decides(tmp_path):
+    """20 more of 10,000 images right at every seed: the per-seed differences are 0.2 up to rounding (their
+    float sd is ~1e-14, not 0), which must not make a paired test (scipy: p ~ 1e-28); Welch's decides."""
+    base_counts = [9031, 9006, 9052, 9021, 9044]  # some of these differences round to 0.19999999999998863
+    accuracy = [c / 10_000 * 100 for c in base_counts]
+    shifted = [(c + 20) / 10_000 * 100 for c in base_counts]
+    assert np.std(np.subtract(shifted, accuracy), ddof=1) > 0  # the rounding this test is about
+    runs = [fake_run("none", s, t, tmp_path) for s, t in enumerate(accuracy)]
+    runs += [fake_run("x", s, t, tmp_path) for s, t in enumerate(shifted)]
+    runs += [fake_run("same", s, t, tmp_path) for s, t in enumerate(accuracy)]
+    variants = {v.name: v for v in summarize(runs, "none", margin=0.2)}
+    for name in ("x", "same"):
+        d = variants[name].decision
+        assert math.isnan(variants[name].paired.p) and d.test.kind == "welch"
+        assert d.test.p == pytest.approx(scipy_stats.ttest_ind(variants[name].top1, accuracy, equal_var=False).pvalue)
+        assert math.isnan(d.effect_size) or abs(d.effect_size) < 10
+    assert variants["x"].decision.verdict == "undecided" and variants["x"].decision.seeds_needed > 5
+    assert markdown_row(variants["same"], 0.2)["verdict"] != f"undecided: > {ours.MAX_SEEDS} seeds"
+
+
 # ---- fairness and bad input ----
 
 

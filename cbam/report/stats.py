@@ -18,6 +18,9 @@ ALPHA = 0.05  # for the whole table's family of comparisons (Holm)
 POWER = 0.8  # that a test at the observed effect and variance decides, for the seeds a row would need
 MAX_SEEDS = 200  # the planning's search stops here: "more than 200" is an answer too
 BOOTSTRAP_MIN = 5  # samples per side below which a bootstrap interval says nothing
+# Accuracies are counts over one val set: equal counts can differ in their last bits after the division and
+# the subtraction, so a spread below this share of the values is no spread (a test on it would be on noise).
+ROUNDING = 1e-9
 BOOTSTRAP_RESAMPLES = 9999
 
 
@@ -43,6 +46,10 @@ def mean_std(x: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else math.nan
 
 
+def _no_spread(se: float, *samples: np.ndarray) -> bool:
+    return se <= ROUNDING * max(1.0, *(float(np.abs(x).max()) for x in samples))
+
+
 def _undefined(kind: str, n: int, diff: float, confidence: float) -> Test:
     return Test(kind, n, diff, 0.0, math.nan, math.nan, math.nan, math.nan, math.nan, confidence)
 
@@ -59,7 +66,7 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> T
         raise ValueError(f"Welch's test needs >= 2 values per sample, got {len(a)} and {len(b)}")
     diff = float(a.mean() - b.mean())
     se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    if se == 0:
+    if _no_spread(se, a, b):
         return _undefined("welch", min(len(a), len(b)), diff, confidence)
     result = stats.ttest_ind(a, b, equal_var=False)
     ci = result.confidence_interval(confidence)
@@ -70,12 +77,13 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> T
 def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Test:
     """`scipy.stats.ttest_rel(a, b)`: mean of the differences a_i - b_i (the same seed i), its t interval.
     Needs two pairs; differences that are all equal make it undefined (nan), as in welch."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = a - b
     if len(d) < 2:
         raise ValueError(f"the paired test needs >= 2 pairs, got {len(d)}")
     diff = float(d.mean())
     se = float(d.std(ddof=1)) / math.sqrt(len(d))
-    if se == 0:
+    if _no_spread(se, a, b):
         return _undefined("paired", len(d), diff, confidence)
     result = stats.ttest_rel(a, b)
     ci = result.confidence_interval(confidence)

@@ -133,17 +133,18 @@ def summarize(runs: list[Run], baseline: str, margin: float = 0.2) -> list[Varia
 
 
 def decide(variants: list[Variant], groups: dict[str, list[Run]], margin: float) -> None:
-    """Every non-baseline row's Decision: Holm over the rows' p (paired where seeds are shared, else Welch's),
-    TOST within +-margin for equivalence, and for an undecided row the seeds that would decide."""
+    """Every non-baseline row's Decision: Holm over the rows' p (paired where seeds are shared and the per-seed
+    differences vary, else Welch's), TOST within +-margin for equivalence, and for an undecided row the
+    seeds that would decide."""
     base = variants[0]
     rows = variants[1:]
-    tests = [v.paired or v.welch for v in rows]
+    tests = [v.paired if v.paired is not None and math.isfinite(v.paired.p) else v.welch for v in rows]
     p_holm = stats.holm([t.p if t is not None else math.nan for t in tests])
     p_equiv = [stats.tost(t, margin) if t is not None else math.nan for t in tests]
     p_equiv_holm = stats.holm(p_equiv)
     m = sum(math.isfinite(p) for p in p_holm)
     for v, test, ph, pe, peh in zip(rows, tests, p_holm, p_equiv, p_equiv_holm, strict=True):
-        if test is None:
+        if test is None or not math.isfinite(test.p):
             sd, boot = math.nan, (math.nan, math.nan)
         elif test.kind == "paired":
             own, ref = _shared(v.runs, base.runs, v.name, base.name)
