@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cbam.engine.distributed import launched_rank
+from cbam.engine.distributed import launched_rank, world_size
 from cbam.engine.run import RunContext, train
 from cbam.errors import EXIT_BAD_INPUT, CbamError, Preempted
 
@@ -27,7 +27,9 @@ def entry_point(fn):
 
     In a multirun, a job that diverges or is given a bad value ends only itself: Hydra records it as failed
     and runs the rest, then raises the first failure, which `run_hydra` turns into this exit status. A stop
-    signal (Preempted) still ends the whole multirun at once: that is what it asks for."""
+    signal (Preempted) still ends the whole multirun at once: that is what it asks for. So does any error
+    under torchrun with several processes: one seen by rank 0 alone (a checkpoint it could not write) would
+    leave the others waiting in the next job's collectives."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,9 +37,13 @@ def entry_point(fn):
             return fn(*args, **kwargs)
         except CbamError as e:
             e.report(log)
-            if HydraConfig.get().mode == RunMode.MULTIRUN and not isinstance(e, Preempted):
-                raise
-            sys.exit(e.exit_code)
+            if isinstance(e, Preempted) or HydraConfig.get().mode != RunMode.MULTIRUN or world_size() > 1:
+                sys.exit(e.exit_code)
+            failed = e
+        # Hydra keeps a failed job's exception until every job has run: without its traceback, whose frames
+        # hold the job's model, optimizer and in-memory dataset, so that those are freed for the next job.
+        failed.__traceback__ = failed.__context__ = failed.__cause__ = None
+        raise failed
 
     return wrapper
 

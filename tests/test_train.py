@@ -4,17 +4,22 @@ import hashlib
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import CONF, ROOT, compose_config
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from wandb_records import read_run
 
+from cbam import cli
 from cbam.engine.optim import build_optimizer
 from cbam.engine.run import RunContext, train
+from cbam.errors import Diverged
 from cbam.models import build_model
 
 # Tiny and fast: synthetic data, CIFAR ResNet-20, CPU, one epoch.
@@ -207,6 +212,27 @@ def test_a_diverging_job_ends_only_itself_and_the_multirun_exits_with_its_status
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: a job of this multirun failed (the others ran): non-finite loss at epoch 0")
     assert "Traceback" not in result.stderr
+
+
+def test_a_failed_multirun_job_frees_what_its_frames_held(monkeypatch):
+    """Hydra keeps each failed job's exception until the multirun ends; the job's model must not live on in it."""
+
+    class Model:
+        pass
+
+    held = []
+
+    @cli.entry_point
+    def job():
+        model = Model()
+        held.append(weakref.ref(model))
+        raise Diverged("non-finite loss at epoch 0")
+
+    multirun = SimpleNamespace(get=lambda: SimpleNamespace(mode=RunMode.MULTIRUN))
+    monkeypatch.setattr(cli, "HydraConfig", multirun)
+    with pytest.raises(Diverged, match="non-finite loss"):  # raised for Hydra to record, not an exit
+        job()
+    assert held[0]() is None
 
 
 # ---- bad input ----
