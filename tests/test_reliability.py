@@ -1,22 +1,27 @@
 """Keep running: preemption, SIGKILL, divergence, a full disk, an unreachable W&B server."""
 
+import copy
 import errno
 import io
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT
 from test_train import FAST, METRICS, rows, run
+from torch import nn
 from wandb_records import read_run
 
 from cbam.engine.checkpoint import CheckpointError, save_checkpoint
+from cbam.engine.loop import optimizer_step
 from cbam.engine.records import RunRecords
 from cbam.errors import Diverged
 
@@ -112,6 +117,40 @@ def test_skipped_non_finite_steps_are_counted_then_the_run_stops(tmp_path):
     assert result.returncode == 3
     assert result.stderr.count("step skipped") == 3
     assert "trainer.max_nonfinite_steps (now 3)" in result.stderr
+
+
+@pytest.mark.parametrize("fp16_scaler", [False, True], ids=["found_inf", "grad-scaler"])
+def test_a_skipped_first_step_leaves_no_optimizer_state_behind(fp16_scaler):
+    """torch's fused SGD allocates its momentum buffers uninitialised on its first step; skipped, that step
+    must not leave them for the next one to read. The steps after it match SGD that never saw it."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    reference = copy.deepcopy(model)
+    sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    state = SimpleNamespace(
+        optimizer=torch.optim.SGD(model.parameters(), **sgd, fused=True),  # the engine's (build_optimizer)
+        scaler=torch.amp.GradScaler("cpu", enabled=fp16_scaler),
+    )
+    reference_sgd = torch.optim.SGD(reference.parameters(), **sgd, foreach=False)
+    x = torch.randn(32, 16)
+    garbage = [torch.full((64,), 3e30) for _ in range(64)]  # freed memory full of huge values
+    del garbage
+    for step, nonfinite in enumerate([True, False, False, False]):
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        state.scaler.scale(loss).backward()
+        if nonfinite:
+            model.weight.grad[0, 0] = math.inf
+        assert bool(optimizer_step(state, model, loss, None)) == (nonfinite and not fp16_scaler), step
+        if not nonfinite:
+            reference.zero_grad(set_to_none=True)
+            reference(x).square().mean().backward()
+            reference_sgd.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(
+            state.optimizer.state[p]["momentum_buffer"], reference_sgd.state[q]["momentum_buffer"]
+        )
 
 
 def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path):

@@ -54,8 +54,9 @@ class StepChecks:
 
     A step whose gradients are not all finite (a non-finite loss gives such gradients) is skipped on the
     device: the fused optimizer's `found_inf`, as GradScaler uses it, leaves weights and optimizer state as
-    they were. Under DDP the gradients are averaged over the ranks first, so every rank skips the same
-    steps with no collective of its own. The count is read back every `log_every` steps and at the end of
+    they were (`optimizer_step` clears what torch's fused SGD leaves of a skipped first step). Under DDP the
+    gradients are averaged over the ranks first, so every rank skips the same steps with no collective of
+    its own. The count is read back every `log_every` steps and at the end of
     the epoch (`check`): the run stops there, with exit 3, once more than `max_nonfinite` steps were skipped,
     naming the step that went past the allowance (the steps between it and the check were skipped too).
     With fp16 (`per_rank_loss`) a step counts when this rank's loss is not finite (GradScaler skips and
@@ -102,6 +103,31 @@ class StepChecks:
         if not is_distributed():
             return requested
         return at_check and any_rank(requested, device=self.skipped.device)[0]
+
+
+def optimizer_step(
+    state: TrainState, model: nn.Module, loss: torch.Tensor, total_norm: torch.Tensor | None
+) -> torch.Tensor:
+    """The optimizer's step on the gradients in `model`, skipped (weights and optimizer state left as they
+    were) where the loss or the gradients are not finite: that flag is returned, () bool on the device."""
+    fresh = not state.optimizer.state  # no step has made optimizer state yet
+    if state.scaler.is_enabled():
+        bad = ~torch.isfinite(loss.detach())  # overflowing fp16 gradients are the scaler's to skip and rescale
+        scale = state.scaler.get_scale() if fresh else None
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        bad = _nonfinite_gradients(model, total_norm)
+        state.optimizer.found_inf = bad.float()  # the fused step leaves everything as it was when set
+        state.optimizer.step()
+    if fresh and state.optimizer.state:
+        # torch's fused SGD makes its momentum buffers with empty_like on its first step and fills them in
+        # the kernel, which a skipped step does not run: the next step would take their garbage for momentum
+        # (fp16's first steps often overflow). So a skipped first step leaves what it found: no state.
+        skipped = state.scaler.get_scale() < scale if state.scaler.is_enabled() else bool(bad)
+        if skipped:
+            state.optimizer.state.clear()
+    return bad
 
 
 def _nonfinite_gradients(model: nn.Module, total_norm: torch.Tensor | None) -> torch.Tensor:
@@ -162,14 +188,7 @@ def train_one_epoch(
         if parts.grad_clip:
             state.scaler.unscale_(state.optimizer)
             total_norm = nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip, foreach=True)
-        if state.scaler.is_enabled():
-            bad = ~torch.isfinite(loss.detach())  # overflowing fp16 gradients are the scaler's to skip and rescale
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            bad = _nonfinite_gradients(model, total_norm)
-            state.optimizer.found_inf = bad.float()  # the fused step leaves everything as it was when set
-            state.optimizer.step()
+        bad = optimizer_step(state, model, loss, total_norm)
         if state.ema is not None:
             state.ema.update(state.model, step=state.global_step)  # a skipped step left the weights unchanged
         n = y.shape[0]
