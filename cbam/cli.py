@@ -13,13 +13,20 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cbam.engine.distributed import launched_rank, world_size
-from cbam.engine.run import RunContext, train
+from cbam.engine.run import RunContext, train, variant_label
 from cbam.errors import EXIT_BAD_INPUT, CbamError, Preempted
 
 log = logging.getLogger("cbam")
+
+# A multirun's run dirs are named by variant (conf/train.yaml, hydra.sweep.subdir), as compare.py groups runs:
+# two variants of one preset (`attention=cbam attention.reduction=8`) never share a dir, also when a later
+# command into the same sweep dir numbers its jobs from 0 again.
+OmegaConf.register_new_resolver(
+    "cbam_variant", lambda preset, overrides: variant_label(preset, overrides).replace(os.sep, "_"), replace=True
+)
 
 
 def entry_point(fn):

@@ -272,6 +272,24 @@ def test_relaunching_a_finished_run_does_nothing(tmp_path):
     before = {k: v for k, v in before.items() if not k.endswith(".pt")}
     assert train_in(run_dir, "resume=auto") == summary
     assert tree_digest(run_dir) == before
+    # ...which cannot train on: resume=auto would start it again over its records.
+    with pytest.raises(ConfigError, match="holds a finished run's records without its last.pt"):
+        train_in(run_dir, "resume=auto", "trainer.epochs=2")
+    assert tree_digest(run_dir) == before
+
+
+def test_resume_auto_refuses_a_dir_that_holds_another_run(tmp_path):
+    """A dir is found by its name; resume=auto must not continue, or skip as finished, a run of another
+    attention config or seed as if it were the one asked for."""
+    run_dir = tmp_path / "run"
+    train_in(run_dir)
+    before = tree_digest(run_dir)
+    with pytest.raises(ConfigError, match=r"holds another run \(attention.reduction: 16 there, 8 asked\)"):
+        train_in(run_dir, "resume=auto", "attention.reduction=8")
+    with pytest.raises(ConfigError, match=r"holds another run \(seed: 0 there, 1 asked\)"):
+        train_in(run_dir, "resume=auto", "seed=1")
+    assert tree_digest(run_dir) == before
+    assert train_in(run_dir, "resume=auto", "tags=[again]")["seed"] == 0  # the same run: left alone
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -199,6 +199,19 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
     assert {r["group"] for r in wandb_runs} == {"sweep"} and all(r["exit_code"] == 0 for r in wandb_runs)
 
 
+def test_variants_of_one_preset_get_dirs_of_their_own_also_from_a_later_command(tmp_path):
+    """Each command numbers its jobs from 0: with the variant in the dir's name, a later command for
+    `attention.reduction=8` into the same sweep dir trains its own run instead of taking cbam's as finished."""
+    sweep = tmp_path / "sweep"
+    for variant in (["attention=cbam"], ["attention=cbam", "attention.reduction=8"]):
+        run("train.py", "-m", *FAST, *variant, f"hydra.sweep.dir={sweep}", "resume=auto", cwd=tmp_path)
+    dirs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert dirs == ["0-resnet20-cbam+reduction=8-s0", "0-resnet20-cbam-s0"]
+    summaries = [json.loads((sweep / d / "summary.json").read_text()) for d in dirs]
+    assert [(s["variant"], s["params"] > 0) for s in summaries] == [("cbam+reduction=8", True), ("cbam", True)]
+    assert summaries[0]["params"] != summaries[1]["params"]
+
+
 def test_a_diverging_job_ends_only_itself_and_the_multirun_exits_with_its_status(tmp_path):
     sweep = tmp_path / "sweep"
     result = run(

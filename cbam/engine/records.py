@@ -29,6 +29,20 @@ WHAT_A_RUN_HOLDS = (
 )
 
 
+# The config keys (prefixes of flattened keys) that say which run a dir holds: what its name says in a sweep.
+RUN_IDENTITY = ("seed", "attention.", "model.", "data.name")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """{"attention.reduction": 16, ...}: a nested config's leaves by dotted key (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat = {}
+    for key, value in node.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
+
+
 def evaluation_name(checkpoint: Path, bn_batch_stats: bool = False) -> str:
     """What eval.py calls its record of `checkpoint` (`<name>.json` beside it): eval-last, eval-best, and
     eval-last-bn_batch_stats for the diagnostic, which never overwrites the plain evaluation."""
@@ -110,6 +124,26 @@ class RunRecords:
                 "choose another hydra.run.dir, or pass resume=auto to continue the run there"
             )
         return path
+
+    def refuse_another_run(self, cfg: DictConfig) -> None:
+        """resume=auto takes the run in this dir for the one asked for, continuing it or, finished, skipping
+        it: refused when its config.yaml records another seed, attention, model or dataset (a value that
+        only one side has, such as an option added since, does not count)."""
+        if not self.config.exists():
+            return
+        recorded = _flat(self.read_config())
+        asked = _flat(OmegaConf.to_container(cfg, resolve=True))
+        differ = [
+            f"{key}: {recorded[key]!r} there, {asked[key]!r} asked"
+            for key in sorted(recorded.keys() & asked.keys())
+            if key.startswith(RUN_IDENTITY) and recorded[key] != asked[key]
+        ]
+        if differ:
+            raise ConfigError(
+                f"{self.dir} holds another run ({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): "
+                "resume=auto would continue or skip it as this one; give this run its own hydra.sweep.dir or "
+                "hydra.run.dir"
+            )
 
     def holds(self, checkpoint: Path) -> bool:
         """`checkpoint` is this run's own (resuming it continues this run; any other starts a new one here)."""

@@ -59,9 +59,13 @@ class RunContext:
 
     @property
     def variant(self) -> str:
-        """The attention preset, plus any attention.* overrides given on top of it: `cbam+arrangement=parallel`."""
-        extra = sorted(o.split(".", 1)[1] for o in self.overrides if o.startswith("attention."))
-        return "+".join([self.choices["attention"], *extra])
+        return variant_label(self.choices["attention"], self.overrides)
+
+
+def variant_label(preset: str, overrides: Sequence[str]) -> str:
+    """The attention preset, plus any attention.* overrides given on top of it: `cbam+arrangement=parallel`."""
+    extra = sorted(o.split(".", 1)[1] for o in overrides if o.startswith("attention."))
+    return "+".join([preset, *extra])
 
 
 @dataclass
@@ -143,6 +147,8 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
     try:
         # Rank 0's dir for every rank: each resolved its own ${now:} (and cbam.cli gave ranks > 0 a throwaway one).
         records = RunRecords(dist.broadcast_object(str(context.run_dir)))
+        if cfg.resume == "auto":
+            records.refuse_another_run(cfg)
         resume_path = records.checkpoint_to_resume(cfg.resume)
         checkpoint = load_checkpoint(resume_path) if resume_path else None
         # A finished run is left alone, also without last.pt: a sweep continued from the records committed
@@ -151,6 +157,12 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
         if finished and records.finished(cfg.trainer.epochs):
             log.info("%s already finished all %d epochs; nothing to do", records.dir, cfg.trainer.epochs)
             return records.read_summary()
+        if cfg.resume == "auto" and resume_path is None and records.summary.exists():
+            raise ConfigError(
+                f"{records.dir} holds a finished run's records without its last.pt (as under results/): it cannot "
+                f"train on to trainer.epochs={cfg.trainer.epochs}, and resume=auto does not start it again over "
+                "its records; train into another hydra.sweep.dir or hydra.run.dir"
+            )
         forked = resume_path is not None and not records.holds(resume_path)  # another run's checkpoint
         if forked and checkpoint["epoch"] >= cfg.trainer.epochs:
             raise ConfigError(
@@ -238,6 +250,7 @@ def _train(
     if main_process:
         records.write_config(run.resolved)
         records.keep_epochs_before(state.epoch)  # rows past the checkpoint are run again
+        records.summary.unlink(missing_ok=True)  # a finished run trained further is finished again only at its end
     dist.barrier()  # the other ranks read metrics.jsonl below only once rank 0 has rewritten it
     history = records.read_metrics() if resumed else []
     tracker_cls = instantiate_config(cfg.logger, "logger") if main_process else NullTracker
