@@ -3,7 +3,9 @@ finished run, best versus final epoch, the DataLoader, the file datasets, logger
 (train() from a composed config), tiny, each failing when its path is silently ignored."""
 
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.eval_checkpoint import evaluate_checkpoint
 from cbam.engine.restore import restore_run
 from cbam.engine.run import RunContext, train
-from cbam.errors import ConfigError
+from cbam.errors import ConfigError, Preempted
 from cbam.report.report import README_END, build, readme_marker, update_readme
 from cbam.report.runs import BatchStatsEval
 from cbam.report.table import csv_row
@@ -250,6 +252,11 @@ def test_another_runs_checkpoint_starts_a_run_of_its_own_and_never_over_one(tmp_
     original = load_checkpoint(checkpoint)["wandb_id"]
     forked = train_in(tmp_path / "fork", f"resume={checkpoint}", "trainer.epochs=2", "logger=wandb")
     assert original and forked["wandb_run_id"] not in (None, original)
+    assert forked["best_epoch"] == 1  # the best of its own epochs, not of the run it started from
+    # Its own hyperparameters, not the checkpoint's (which the optimizer's state_dict carries).
+    train_in(tmp_path / "decayed", f"resume={checkpoint}", "trainer.epochs=2", "optim.optimizer.weight_decay=0.01")
+    groups = load_checkpoint(tmp_path / "decayed" / "last.pt")["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.01}
 
     before = tree_digest(tmp_path / "fork")
     with pytest.raises(ConfigError, match=f"{tmp_path / 'fork'} already holds a run: resume={checkpoint} would"):
@@ -276,6 +283,33 @@ def test_relaunching_a_finished_run_does_nothing(tmp_path):
     with pytest.raises(ConfigError, match="holds a finished run's records without its last.pt"):
         train_in(run_dir, "resume=auto", "trainer.epochs=2")
     assert tree_digest(run_dir) == before
+
+
+def test_a_stop_signal_after_the_last_step_still_stops_what_would_follow(tmp_path):
+    """SIGTERM during the final evaluation or the end-of-run figures: the run is finished, and the stop
+    still applies (Preempted, exit 75), so that a multirun does not start its next job to be killed."""
+
+    def signalled_at_the_end(finished):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = compose_config("train", *TINY, "attention=cbam")
+    choices = {"attention": "cbam", "model": "resnet20", "data": "synthetic"}
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="after the last step of .*, which is finished"):
+        train(cfg, RunContext(run_dir=tmp_path / "run", choices=choices), end_of_run=[signalled_at_the_end])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == cfg.trainer.epochs
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+
+
+def test_a_resumed_run_whose_last_epoch_was_its_best_rewrites_best_pt(tmp_path):
+    """last.pt is written before best.pt: a kill between the two leaves best.pt behind (here: none at all).
+    Resumed, the run writes best.pt from the checkpoint, which then is the best epoch's state."""
+    run_dir = tmp_path / "run"
+    train_in(run_dir, "trainer.epochs=1", *CONSTANT_LR)
+    (run_dir / "best.pt").unlink()
+    # Trained on at an LR that makes epoch 1 worse, so that only the rewrite can give best.pt.
+    summary = train_in(run_dir, "resume=auto", "trainer.epochs=2", "optim.optimizer.lr=1.0", *CONSTANT_LR)
+    assert summary["best_epoch"] == 0 and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
 
 
 def test_resume_auto_refuses_a_dir_that_holds_another_run(tmp_path):

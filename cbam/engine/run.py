@@ -5,6 +5,7 @@ The engine reads no Hydra state: whoever launches a run (train.py, through `cbam
 """
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -174,9 +175,15 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
         run = set_up(cfg, device, checkpoint, str(resume_path), fast)
         if forked:  # a run of its own, in W&B too: the run it started from keeps its W&B run as it was
             run.state.wandb_id = None
+            run.state.best_top1, run.state.best_epoch = -math.inf, None  # its best is among its own epochs
         main_process = dist.rank() == 0
         if main_process:
             records.dir.mkdir(parents=True, exist_ok=True)
+            if checkpoint is not None and not forked and checkpoint["meter"]["steps"] == 0:
+                if checkpoint["best_epoch"] == checkpoint["epoch"] - 1:
+                    # Its last epoch was the best, and a kill between the two writes would have left best.pt
+                    # an epoch behind: this is the state best.pt holds (the same bytes when it does).
+                    save_checkpoint(checkpoint, records.best)
         with records.logging_to_file(enabled=main_process):
             if dist.is_distributed():
                 log.info("rank %d of %d on %s (%s)", dist.rank(), dist.world_size(), device, dist.backend())
@@ -282,6 +289,13 @@ def _train(
             for hook in end_of_run:
                 hook(finished)
     log.info("best val top1 %.2f at epoch %d; records in %s", state.best_top1, state.best_epoch + 1, records.dir)
+    # A stop signal after the last step (during the final evaluation, the summary): the run is finished, and
+    # what would follow it (the next job of a multirun) must not start. Every rank stops, or none.
+    stop = should_stop()
+    if dist.is_distributed():
+        stop = dist.any_rank(stop, device=run.device)[0]
+    if stop:
+        raise Preempted(f"stopped after the last step of {records.dir}, which is finished: resume with resume=auto")
     return summary
 
 
@@ -386,7 +400,7 @@ def _epochs(cfg: DictConfig, run: SetUp, records: RunRecords, history: list, tra
             records.append_metrics(row)
             tracker.log(row, step=state.global_step)
             checkpoint = state.state_dict()
-            save_checkpoint(checkpoint, records.last)
+            save_checkpoint(checkpoint, records.last)  # first: on a full disk the resume point is what fits
             if is_best:
                 save_checkpoint(checkpoint, records.best)
         dist.barrier()  # rank 0's checkpoints are complete before any rank goes on (or exits)

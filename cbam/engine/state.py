@@ -84,7 +84,12 @@ class TrainState:
                 f"{self.steps_per_epoch}: resume it with the data.batch_size it trained with, or from an epoch's end"
             )
         load_model_state(self.model, state["model"], source)
+        # The checkpoint's moments, this run's hyperparameters: load_state_dict would also restore the old
+        # run's weight decay, momentum and schedule bounds, which a run started from it may have changed.
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, hyperparameters, strict=True):
+            group.update(own)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
