@@ -15,7 +15,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.engine.distributed import launched_rank, world_size
+from cbam.engine.distributed import launched_rank, launched_world_size
 from cbam.engine.run import RunContext, train, variant_label
 from cbam.errors import EXIT_BAD_INPUT, CbamError, Preempted
 
@@ -44,7 +44,7 @@ def entry_point(fn):
             return fn(*args, **kwargs)
         except CbamError as e:
             e.report(log)
-            if isinstance(e, Preempted) or HydraConfig.get().mode != RunMode.MULTIRUN or world_size() > 1:
+            if isinstance(e, Preempted) or HydraConfig.get().mode != RunMode.MULTIRUN or launched_world_size() > 1:
                 sys.exit(e.exit_code)
             failed = e
         # Hydra keeps a failed job's exception until every job has run: without its traceback, whose frames

@@ -142,6 +142,7 @@ def test_a_skipped_first_step_leaves_no_optimizer_state_behind(fp16_scaler):
         if nonfinite:
             model.weight.grad[0, 0] = math.inf
         assert bool(optimizer_step(state, model, loss, None)) == (nonfinite and not fp16_scaler), step
+        assert bool(state.optimizer.state) != nonfinite  # skipped, the first step leaves no state at all
         if not nonfinite:
             reference.zero_grad(set_to_none=True)
             reference(x).square().mean().backward()

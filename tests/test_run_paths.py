@@ -250,7 +250,10 @@ def test_another_runs_checkpoint_starts_a_run_of_its_own_and_never_over_one(tmp_
     train_in(tmp_path / "first", "logger=wandb")
     checkpoint = tmp_path / "first" / "last.pt"
     original = load_checkpoint(checkpoint)["wandb_id"]
-    forked = train_in(tmp_path / "fork", f"resume={checkpoint}", "trainer.epochs=2", "logger=wandb")
+    # At an LR that makes its epoch worse than the one it started from, which must not count as its best.
+    forked = train_in(
+        tmp_path / "fork", f"resume={checkpoint}", "trainer.epochs=2", "logger=wandb", "optim.optimizer.lr=1.0"
+    )
     assert original and forked["wandb_run_id"] not in (None, original)
     assert forked["best_epoch"] == 1  # the best of its own epochs, not of the run it started from
     # Its own hyperparameters, not the checkpoint's (which the optimizer's state_dict carries).
@@ -307,8 +310,10 @@ def test_a_resumed_run_whose_last_epoch_was_its_best_rewrites_best_pt(tmp_path):
     run_dir = tmp_path / "run"
     train_in(run_dir, "trainer.epochs=1", *CONSTANT_LR)
     (run_dir / "best.pt").unlink()
-    # Trained on at an LR that makes epoch 1 worse, so that only the rewrite can give best.pt.
-    summary = train_in(run_dir, "resume=auto", "trainer.epochs=2", "optim.optimizer.lr=1.0", *CONSTANT_LR)
+    # Trained on (from its own checkpoint, named) at an LR that makes epoch 1 worse, so that only the
+    # rewrite can give best.pt.
+    last = run_dir / "last.pt"
+    summary = train_in(run_dir, f"resume={last}", "trainer.epochs=2", "optim.optimizer.lr=1.0", *CONSTANT_LR)
     assert summary["best_epoch"] == 0 and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
 
 
@@ -322,6 +327,8 @@ def test_resume_auto_refuses_a_dir_that_holds_another_run(tmp_path):
         train_in(run_dir, "resume=auto", "attention.reduction=8")
     with pytest.raises(ConfigError, match=r"holds another run \(seed: 0 there, 1 asked\)"):
         train_in(run_dir, "resume=auto", "seed=1")
+    with pytest.raises(ConfigError, match=r"holds another run \(optim.optimizer.lr: 0.1 there, 0.05 asked\)"):
+        train_in(run_dir, "resume=auto", "optim.optimizer.lr=0.05")  # a sweep over lr, relaunched reordered
     assert tree_digest(run_dir) == before
     assert train_in(run_dir, "resume=auto", "tags=[again]")["seed"] == 0  # the same run: left alone
 

@@ -18,7 +18,7 @@ from wandb_records import read_run
 
 from cbam import cli
 from cbam.engine.optim import build_optimizer
-from cbam.engine.run import RunContext, train
+from cbam.engine.run import RunContext, train, variant_label
 from cbam.errors import Diverged
 from cbam.models import build_model
 
@@ -210,6 +210,12 @@ def test_variants_of_one_preset_get_dirs_of_their_own_also_from_a_later_command(
     summaries = [json.loads((sweep / d / "summary.json").read_text()) for d in dirs]
     assert [(s["variant"], s["params"] > 0) for s in summaries] == [("cbam+reduction=8", True), ("cbam", True)]
     assert summaries[0]["params"] != summaries[1]["params"]
+
+
+def test_the_variant_is_the_preset_and_its_attention_overrides_in_every_override_form():
+    overrides = ["attention=cbam", "++attention.reduction=8", "+attention.extra=1", "~attention.mlp_bias", "seed=1"]
+    assert variant_label("cbam", overrides) == "cbam+extra=1+reduction=8+~mlp_bias"
+    assert variant_label("cbam", ["optim.optimizer.lr=0.05", "data.attention_like=1"]) == "cbam"
 
 
 def test_a_diverging_job_ends_only_itself_and_the_multirun_exits_with_its_status(tmp_path):

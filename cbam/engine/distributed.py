@@ -23,6 +23,11 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_world_size() -> int:
+    """torchrun's process count, known before (and whether or not) this process joins the group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -110,22 +110,22 @@ def optimizer_step(
 ) -> torch.Tensor:
     """The optimizer's step on the gradients in `model`, skipped (weights and optimizer state left as they
     were) where the loss or the gradients are not finite: that flag is returned, () bool on the device."""
-    fresh = not state.optimizer.state  # no step has made optimizer state yet
+    # torch's fused SGD makes its momentum buffers with empty_like on its first step and fills them in the
+    # kernel, which a skipped step does not run: the next step would take their garbage for momentum (fp16's
+    # first steps often overflow). Until a step has made them, a skipped step is looked for (a host sync).
+    lazy_buffers = not state.optimizer.state and any(g.get("momentum") for g in state.optimizer.param_groups)
     if state.scaler.is_enabled():
         bad = ~torch.isfinite(loss.detach())  # overflowing fp16 gradients are the scaler's to skip and rescale
-        scale = state.scaler.get_scale() if fresh else None
+        scale = state.scaler.get_scale() if lazy_buffers else None
         state.scaler.step(state.optimizer)
         state.scaler.update()
     else:
         bad = _nonfinite_gradients(model, total_norm)
         state.optimizer.found_inf = bad.float()  # the fused step leaves everything as it was when set
         state.optimizer.step()
-    if fresh and state.optimizer.state:
-        # torch's fused SGD makes its momentum buffers with empty_like on its first step and fills them in
-        # the kernel, which a skipped step does not run: the next step would take their garbage for momentum
-        # (fp16's first steps often overflow). So a skipped first step leaves what it found: no state.
+    if lazy_buffers:
         skipped = state.scaler.get_scale() < scale if state.scaler.is_enabled() else bool(bad)
-        if skipped:
+        if skipped:  # it leaves what it found: no state
             state.optimizer.state.clear()
     return bad
 

@@ -29,8 +29,21 @@ WHAT_A_RUN_HOLDS = (
 )
 
 
-# The config keys (prefixes of flattened keys) that say which run a dir holds: what its name says in a sweep.
-RUN_IDENTITY = ("seed", "attention.", "model.", "data.name")
+# The config keys (prefixes of flattened keys) that say which run a dir holds: its model, data and recipe.
+RUN_IDENTITY = (
+    "seed",
+    "attention.",
+    "model.",
+    "data.",
+    "optim.",
+    "trainer.grad_clip",
+    "trainer.ema_decay",
+    "trainer.mixup.",
+)
+# ...but not where the data lies or how it is fed: the same run continues on another machine, also with
+# another per-process batch (an epoch's end resumes with any). trainer.precision, channels_last and compile
+# are recorded as chosen (not `auto`), and a resumed run keeps its checkpoint's choices anyway.
+NOT_RUN_IDENTITY = ("data.source.root", "data.loader", "data.batch_size", "data.eval_batch_size", "data.num_workers")
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -127,7 +140,7 @@ class RunRecords:
 
     def refuse_another_run(self, cfg: DictConfig) -> None:
         """resume=auto takes the run in this dir for the one asked for, continuing it or, finished, skipping
-        it: refused when its config.yaml records another seed, attention, model or dataset (a value that
+        it: refused when its config.yaml records another seed, attention, model, data or recipe (a value that
         only one side has, such as an option added since, does not count)."""
         if not self.config.exists():
             return
@@ -136,7 +149,7 @@ class RunRecords:
         differ = [
             f"{key}: {recorded[key]!r} there, {asked[key]!r} asked"
             for key in sorted(recorded.keys() & asked.keys())
-            if key.startswith(RUN_IDENTITY) and recorded[key] != asked[key]
+            if key.startswith(RUN_IDENTITY) and not key.startswith(NOT_RUN_IDENTITY) and recorded[key] != asked[key]
         ]
         if differ:
             raise ConfigError(

@@ -64,9 +64,15 @@ class RunContext:
 
 
 def variant_label(preset: str, overrides: Sequence[str]) -> str:
-    """The attention preset, plus any attention.* overrides given on top of it: `cbam+arrangement=parallel`."""
-    extra = sorted(o.split(".", 1)[1] for o in overrides if o.startswith("attention."))
-    return "+".join([preset, *extra])
+    """The attention preset, plus any attention.* overrides given on top of it: `cbam+arrangement=parallel`
+    (also as `+attention.x=v` or `++attention.x=v`; a deletion `~attention.x` as `~x`)."""
+    extra = []
+    for override in overrides:
+        deleted = override.startswith("~")
+        key = override.lstrip("+~")
+        if key.startswith("attention."):
+            extra.append(("~" if deleted else "") + key.split(".", 1)[1])
+    return "+".join([preset, *sorted(extra)])
 
 
 @dataclass
@@ -257,7 +263,6 @@ def _train(
     if main_process:
         records.write_config(run.resolved)
         records.keep_epochs_before(state.epoch)  # rows past the checkpoint are run again
-        records.summary.unlink(missing_ok=True)  # a finished run trained further is finished again only at its end
     dist.barrier()  # the other ranks read metrics.jsonl below only once rank 0 has rewritten it
     history = records.read_metrics() if resumed else []
     tracker_cls = instantiate_config(cfg.logger, "logger") if main_process else NullTracker
@@ -290,11 +295,9 @@ def _train(
                 hook(finished)
     log.info("best val top1 %.2f at epoch %d; records in %s", state.best_top1, state.best_epoch + 1, records.dir)
     # A stop signal after the last step (during the final evaluation, the summary): the run is finished, and
-    # what would follow it (the next job of a multirun) must not start. Every rank stops, or none.
-    stop = should_stop()
-    if dist.is_distributed():
-        stop = dist.any_rank(stop, device=run.device)[0]
-    if stop:
+    # what would follow it (the next job of a multirun) must not start. No collective here: rank 0 may still
+    # be finishing W&B; torchrun passes the signal to every worker, and ends the others when one exits.
+    if should_stop():
         raise Preempted(f"stopped after the last step of {records.dir}, which is finished: resume with resume=auto")
     return summary
 
@@ -398,6 +401,7 @@ def _epochs(cfg: DictConfig, run: SetUp, records: RunRecords, history: list, tra
         )  # fmt: skip
         if main_process:
             records.append_metrics(row)
+            records.summary.unlink(missing_ok=True)  # a finished run trained on is finished again at its end
             tracker.log(row, step=state.global_step)
             checkpoint = state.state_dict()
             save_checkpoint(checkpoint, records.last)  # first: on a full disk the resume point is what fits
