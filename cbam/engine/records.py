@@ -46,13 +46,15 @@ RUN_IDENTITY = (
 NOT_RUN_IDENTITY = ("data.source.root", "data.loader", "data.batch_size", "data.eval_batch_size", "data.num_workers")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    """{"attention.reduction": 16, ...}: a nested config's leaves by dotted key (lists are leaves)."""
-    if not isinstance(node, dict):
-        return {prefix: node}
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """{"optim.optimizer.lr": 0.1, ...}: a resolved config's leaves by dotted key; lists stay whole values."""
     flat = {}
-    for key, value in node.items():
-        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{dotted}.")
+        else:
+            flat[dotted] = value
     return flat
 
 
@@ -144,8 +146,8 @@ class RunRecords:
         only one side has, such as an option added since, does not count)."""
         if not self.config.exists():
             return
-        recorded = _flat(self.read_config())
-        asked = _flat(OmegaConf.to_container(cfg, resolve=True))
+        recorded = flatten(self.read_config())
+        asked = flatten(OmegaConf.to_container(cfg, resolve=True))
         differ = [
             f"{key}: {recorded[key]!r} there, {asked[key]!r} asked"
             for key in sorted(recorded.keys() & asked.keys())

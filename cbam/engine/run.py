@@ -185,11 +185,11 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
         main_process = dist.rank() == 0
         if main_process:
             records.dir.mkdir(parents=True, exist_ok=True)
-            if checkpoint is not None and not forked and checkpoint["meter"]["steps"] == 0:
-                if checkpoint["best_epoch"] == checkpoint["epoch"] - 1:
-                    # Its last epoch was the best, and a kill between the two writes would have left best.pt
-                    # an epoch behind: this is the state best.pt holds (the same bytes when it does).
-                    save_checkpoint(checkpoint, records.best)
+            at_epoch_end = checkpoint is not None and not forked and checkpoint["meter"]["steps"] == 0
+            if at_epoch_end and checkpoint["best_epoch"] == checkpoint["epoch"] - 1:
+                # Its last epoch was the best, and a kill between the two writes would have left best.pt an
+                # epoch behind: this is the state best.pt holds (the same bytes when it does).
+                save_checkpoint(checkpoint, records.best)
         with records.logging_to_file(enabled=main_process):
             if dist.is_distributed():
                 log.info("rank %d of %d on %s (%s)", dist.rank(), dist.world_size(), device, dist.backend())

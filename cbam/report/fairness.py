@@ -3,6 +3,8 @@
 import json
 from dataclasses import dataclass
 
+from cbam.engine.records import flatten
+
 from .runs import Run
 
 # Per-run by nature (what is compared, or bookkeeping), or no influence on training: where results go.
@@ -21,18 +23,6 @@ class Difference:
 
 def _show(value) -> str:
     return value if value is MISSING else json.dumps(value)
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """{"optim.optimizer.lr": 0.1, ...}; lists stay whole values."""
-    flat = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{dotted}.")
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def config_differences(runs: list[Run]) -> list[Difference]:
