@@ -10,8 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
-# EX_TEMPFAIL, "try again": what a requeue script should do with a preempted run (`resume=auto` continues).
-EXIT_PREEMPTED = 75
+# EX_TEMPFAIL, "try again": what a requeue script should do with a preempted run (`resume=auto` continues),
+# or with one that another process is still training.
+EXIT_TRY_AGAIN = 75
 
 
 class CbamError(Exception):
@@ -43,9 +44,15 @@ class Diverged(CbamError, RuntimeError):
 class Preempted(CbamError):
     """SIGTERM or SIGINT arrived; last.pt holds the state at the end of the current step: exit 75."""
 
-    exit_code = EXIT_PREEMPTED  # also the W&B run's exit code
+    exit_code = EXIT_TRY_AGAIN  # also the W&B run's exit code
     level = logging.WARNING
     prefix = ""
+
+
+class RunInProgress(CbamError):
+    """Another process holds the run dir (train.lock): this one leaves the run to it and writes nothing: exit 75."""
+
+    exit_code = EXIT_TRY_AGAIN
 
 
 # What constructors raise for arguments they cannot take.

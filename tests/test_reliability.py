@@ -16,14 +16,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT
-from test_train import FAST, METRICS, rows, run
+from test_run_paths import train_in
+from test_train import FAST, METRICS, rows, run, tree_digest
 from torch import nn
 from wandb_records import read_run
 
 from cbam.engine.checkpoint import CheckpointError, save_checkpoint
 from cbam.engine.loop import optimizer_step
 from cbam.engine.records import RunRecords
-from cbam.errors import Diverged
+from cbam.errors import Diverged, RunInProgress
 
 LONGER = [*FAST, "data.source.train_size=512", "trainer.epochs=3"]  # 16 steps an epoch: time to interrupt
 
@@ -74,6 +75,16 @@ def test_a_stop_signal_writes_last_pt_exits_75_and_resume_matches(straight_run, 
     stopped = tmp_path / "stopped"
     proc = start(stopped)
     wait_for(proc, first_epoch_recorded(stopped), "its first epoch was recorded")
+    # A second command for the same dir while it trains (held still, in its second of three epochs) leaves
+    # the run to it and writes nothing.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        before = tree_digest(stopped)
+        with pytest.raises(RunInProgress, match=rf"{stopped} is being trained by another process \(pid {proc.pid} on"):
+            train_in(stopped, "resume=auto")
+        assert tree_digest(stopped) == before
+    finally:
+        proc.send_signal(signal.SIGCONT)
     proc.send_signal(sig)  # lands in the second of three epochs
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-2000:]
@@ -82,6 +93,7 @@ def test_a_stop_signal_writes_last_pt_exits_75_and_resume_matches(straight_run, 
     checkpoint = torch.load(stopped / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1  # stopped inside epoch 1, `meter.steps` steps into it
     assert read_run(stopped)["exit_code"] == 75  # the W&B run is finished, as preempted
+    assert not (stopped / "train.lock").exists()
     assert_resume_reproduces(straight_run, stopped)
 
 
@@ -95,8 +107,10 @@ def test_sigkill_leaves_the_newest_complete_checkpoint_and_resume_continues(stra
     (killed / ".last.pt.torn.tmp").write_bytes(b"half a checkpoint")  # as a kill during a write leaves one
     checkpoint = torch.load(killed / "last.pt", weights_only=True)  # complete, whatever the moment
     assert checkpoint["epoch"] >= 1
+    assert (killed / "train.lock").read_text().startswith(f"pid {proc.pid} on ")  # left behind, but not locked
     assert_resume_reproduces(straight_run, killed)
     assert not list(killed.glob(".*.tmp"))  # the next checkpoint write cleared it
+    assert not (killed / "train.lock").exists()
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path):

@@ -18,6 +18,7 @@ from wandb_records import read_run
 
 from cbam import cli
 from cbam.engine.optim import build_optimizer
+from cbam.engine.records import RunRecords
 from cbam.engine.run import RunContext, train, variant_label
 from cbam.errors import Diverged
 from cbam.models import build_model
@@ -231,6 +232,26 @@ def test_a_diverging_job_ends_only_itself_and_the_multirun_exits_with_its_status
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: a job of this multirun failed (the others ran): non-finite loss at epoch 0")
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_another_process_holds_is_left_to_it_and_the_multirun_goes_on(tmp_path):
+    """The same sweep continued by two commands at once (two machines on one filesystem): each job's dir is
+    held by the process training it, and the other command skips it, writing nothing there, and exits 75."""
+    sweep = tmp_path / "sweep"
+    held = sweep / "0-resnet20-cbam-s0"
+    with RunRecords(held).claimed() as holder:
+        assert holder is None
+        result = run(
+            "train.py", "-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}", "resume=auto", cwd=tmp_path, check=False
+        )  # fmt: skip
+        assert sorted(p.name for p in held.iterdir()) == ["train.lock"]
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert json.loads((sweep / "1-resnet20-cbam-s1" / "summary.json").read_text())["epochs"] == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(
+        f"error: a job of this multirun failed (the others ran): {held} is being trained by another process (pid "
+    ), last_line
+    assert not held.exists() and not (sweep / "1-resnet20-cbam-s1" / "train.lock").exists()
 
 
 def test_a_failed_multirun_job_frees_what_its_frames_held(monkeypatch):

@@ -7,20 +7,28 @@ summary.json    final and best metrics, cost, provenance (written last: the run 
 last.pt         the newest checkpoint; best.pt the one of the best val epoch
 train.log       the run's log
 viz/            end-of-run figures (trainer.visualize, scripts/visualize.py)
+train.lock      while a process trains here: locked by it (flock), so that a second is refused; removed after
 """
 
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 WHAT_A_RUN_HOLDS = (
@@ -103,6 +111,63 @@ class RunRecords:
         self.best = self.dir / "best.pt"
         self.log = self.dir / "train.log"
         self.viz = self.dir / "viz"
+        self.lock = self.dir / "train.lock"
+
+    @contextmanager
+    def claimed(self, enabled: bool = True) -> Iterator[str | None]:
+        """Hold this dir for the one process that trains it: yields None while held, or who holds it (a
+        second process on this machine, or on another sharing the filesystem, must then write nothing here).
+
+        An flock on train.lock, which the kernel releases however the holder ends (a SIGKILL too); the holder
+        removes the file when done, so a lock taken on a file that was removed meanwhile is taken again on
+        the new one. A dir this creates is removed again if nothing else was written into it. On a filesystem
+        without flock (some network mounts) the run goes on unguarded, after a warning."""
+        if not enabled:
+            yield None
+            return
+        created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = None
+        try:
+            holder, fd = self._lock()
+            yield holder
+        finally:
+            if fd is not None:
+                self.lock.unlink(missing_ok=True)  # before the unlock: a waiting process then retries on a new file
+                os.close(fd)
+            if created:
+                try:
+                    self.dir.rmdir()  # only when empty: a refused or finished-before-starting command leaves no dir
+                except OSError:
+                    pass
+
+    def _lock(self) -> tuple[str | None, int | None]:
+        """(None, the locked fd), or (who holds it, None), or (None, None) where the filesystem cannot lock."""
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return holder or "another process", None
+                if not holder:
+                    self.lock.unlink(missing_ok=True)  # ours, just made: leave nothing behind
+                log.warning(
+                    "cannot lock %s (%s): nothing keeps a second process from training this dir at the same time",
+                    self.lock, os.strerror(e.errno),
+                )  # fmt: skip
+                return None, None
+            try:
+                current = os.stat(self.lock).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)  # a killed holder's line
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}".encode())
+                return None, fd
+            os.close(fd)  # its holder removed it between our open and our lock: take the new one
 
     def holds_a_run(self) -> bool:
         """A run was started here (reports list it, finished or not)."""

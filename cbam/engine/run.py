@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from cbam.data import Loader, build_loaders
-from cbam.errors import CbamError, ConfigError, Diverged, Preempted, construct, instantiate_config
+from cbam.errors import CbamError, ConfigError, Diverged, Preempted, RunInProgress, construct, instantiate_config
 from cbam.models import build_model, count_flops, count_params
 from cbam.tracking import NullTracker
 
@@ -135,7 +135,8 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
     `cbam.viz.end_of_run_figures` among them (train.py adds it).
 
     Nothing is written into the run dir until the run is set up (config valid, checkpoint loaded, data
-    read, model built): a command that fails before that leaves every run dir as it was.
+    read, model built): a command that fails before that leaves every run dir as it was. Only train.lock
+    is there while the command runs (RunRecords.claimed), and gone after it.
     """
     validate(cfg)
     if cfg.trainer.visualize and not end_of_run:
@@ -154,73 +155,87 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
     try:
         # Rank 0's dir for every rank: each resolved its own ${now:} (and cbam.cli gave ranks > 0 a throwaway one).
         records = RunRecords(dist.broadcast_object(str(context.run_dir)))
-        if cfg.resume == "auto":
-            records.refuse_another_run(cfg)
-        resume_path = records.checkpoint_to_resume(cfg.resume)
-        checkpoint = load_checkpoint(resume_path) if resume_path else None
-        # A finished run is left alone, also without last.pt: a sweep continued from the records committed
-        # under results/ skips the runs they hold.
-        finished = cfg.resume == "auto" or (checkpoint is not None and checkpoint["epoch"] >= cfg.trainer.epochs)
-        if finished and records.finished(cfg.trainer.epochs):
-            log.info("%s already finished all %d epochs; nothing to do", records.dir, cfg.trainer.epochs)
-            return records.read_summary()
-        if cfg.resume == "auto" and resume_path is None and records.summary.exists():
-            raise ConfigError(
-                f"{records.dir} holds a finished run's records without its last.pt (as under results/): it cannot "
-                f"train on to trainer.epochs={cfg.trainer.epochs}, and resume=auto does not start it again over "
-                "its records; train into another hydra.sweep.dir or hydra.run.dir"
-            )
-        forked = resume_path is not None and not records.holds(resume_path)  # another run's checkpoint
-        if forked and checkpoint["epoch"] >= cfg.trainer.epochs:
-            raise ConfigError(
-                f"{resume_path} has finished all {checkpoint['epoch']} epochs: nothing is left to train in "
-                f"{records.dir}; pass trainer.epochs={checkpoint['epoch'] + 1} or more to train it further"
-            )
-        fast = choose_fast_path(cfg.trainer, device, recorded=checkpoint["config"]["trainer"] if checkpoint else None)
-        cfg = with_fast_path(cfg, fast)
-        run = set_up(cfg, device, checkpoint, str(resume_path), fast)
-        if forked:  # a run of its own, in W&B too: the run it started from keeps its W&B run as it was
-            run.state.wandb_id = None
-            run.state.best_top1, run.state.best_epoch = -math.inf, None  # its best is among its own epochs
-        main_process = dist.rank() == 0
-        if main_process:
-            records.dir.mkdir(parents=True, exist_ok=True)
-            at_epoch_end = checkpoint is not None and not forked and checkpoint["meter"]["steps"] == 0
-            if at_epoch_end and checkpoint["best_epoch"] == checkpoint["epoch"] - 1:
-                # Its last epoch was the best, and a kill between the two writes would have left best.pt an
-                # epoch behind: this is the state best.pt holds (the same bytes when it does).
-                save_checkpoint(checkpoint, records.best)
-        with records.logging_to_file(enabled=main_process):
-            if dist.is_distributed():
-                log.info("rank %d of %d on %s (%s)", dist.rank(), dist.world_size(), device, dist.backend())
-            log.info(
-                "trainer: %s, %s, %s%s", fast.precision, "channels_last" if fast.channels_last else "NCHW",
-                "compiled" if fast.compile else "eager",
-                "".join(f"; {k}=auto: {why}" for k, why in fast.chosen.items()),
-            )  # fmt: skip
-            if fast.precision == "bf16" and not native_bf16(device):
-                log.warning(
-                    "trainer.precision=bf16 on a %s without native bf16 is emulated: steps measured 7-11x slower "
-                    "than fp32 on an AVX2 CPU (README, Speed); trainer.precision=auto picks what this device runs fast",
-                    device.type,
+        # Held before anything is read there: two commands pointed at one dir (the same sweep continued on two
+        # machines, or one command started twice) would otherwise both train the run, each over the other.
+        with records.claimed(enabled=dist.rank() == 0) as holder:
+            if (holder := dist.broadcast_object(holder)) is not None:
+                raise RunInProgress(
+                    f"{records.dir} is being trained by another process ({holder}): this command leaves it to "
+                    "that one; to take it over, stop that one (SIGTERM writes last.pt) and run this with resume=auto"
                 )
-            if checkpoint is not None:
-                log.info(
-                    "resumed from %s at epoch %d, step %d of %d",
-                    resume_path, run.state.epoch, run.state.meter.steps, len(run.train_loader),
-                )  # fmt: skip
-            elif cfg.resume == "auto":
-                log.info("resume=auto: no last.pt in %s, starting from scratch", records.dir)
-            try:
-                return _train(cfg, context, run, records, end_of_run, resumed=checkpoint is not None)
-            except CbamError as e:
-                e.report(log)  # into train.log too, while it is open
-                raise
+            return _train_held(cfg, context, device, records, end_of_run)
     except (Preempted, Diverged):
         # Every rank raised it after the same step: wait until all are done (rank 0 writing last.pt and
         # finishing W&B), since torchrun stops the others as soon as one process exits.
         dist.barrier()
         raise
+
+
+def _train_held(
+    cfg: DictConfig, context: RunContext, device: torch.device, records: RunRecords, end_of_run: Sequence[EndOfRunHook]
+) -> dict:
+    """The run in `records.dir`, which this process holds."""
+    if cfg.resume == "auto":
+        records.refuse_another_run(cfg)
+    resume_path = records.checkpoint_to_resume(cfg.resume)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    # A finished run is left alone, also without last.pt: a sweep continued from the records committed
+    # under results/ skips the runs they hold.
+    finished = cfg.resume == "auto" or (checkpoint is not None and checkpoint["epoch"] >= cfg.trainer.epochs)
+    if finished and records.finished(cfg.trainer.epochs):
+        log.info("%s already finished all %d epochs; nothing to do", records.dir, cfg.trainer.epochs)
+        return records.read_summary()
+    if cfg.resume == "auto" and resume_path is None and records.summary.exists():
+        raise ConfigError(
+            f"{records.dir} holds a finished run's records without its last.pt (as under results/): it cannot "
+            f"train on to trainer.epochs={cfg.trainer.epochs}, and resume=auto does not start it again over "
+            "its records; train into another hydra.sweep.dir or hydra.run.dir"
+        )
+    forked = resume_path is not None and not records.holds(resume_path)  # another run's checkpoint
+    if forked and checkpoint["epoch"] >= cfg.trainer.epochs:
+        raise ConfigError(
+            f"{resume_path} has finished all {checkpoint['epoch']} epochs: nothing is left to train in "
+            f"{records.dir}; pass trainer.epochs={checkpoint['epoch'] + 1} or more to train it further"
+        )
+    fast = choose_fast_path(cfg.trainer, device, recorded=checkpoint["config"]["trainer"] if checkpoint else None)
+    cfg = with_fast_path(cfg, fast)
+    run = set_up(cfg, device, checkpoint, str(resume_path), fast)
+    if forked:  # a run of its own, in W&B too: the run it started from keeps its W&B run as it was
+        run.state.wandb_id = None
+        run.state.best_top1, run.state.best_epoch = -math.inf, None  # its best is among its own epochs
+    main_process = dist.rank() == 0
+    if main_process:
+        at_epoch_end = checkpoint is not None and not forked and checkpoint["meter"]["steps"] == 0
+        if at_epoch_end and checkpoint["best_epoch"] == checkpoint["epoch"] - 1:
+            # Its last epoch was the best, and a kill between the two writes would have left best.pt an
+            # epoch behind: this is the state best.pt holds (the same bytes when it does).
+            save_checkpoint(checkpoint, records.best)
+    with records.logging_to_file(enabled=main_process):
+        if dist.is_distributed():
+            log.info("rank %d of %d on %s (%s)", dist.rank(), dist.world_size(), device, dist.backend())
+        log.info(
+            "trainer: %s, %s, %s%s", fast.precision, "channels_last" if fast.channels_last else "NCHW",
+            "compiled" if fast.compile else "eager",
+            "".join(f"; {k}=auto: {why}" for k, why in fast.chosen.items()),
+        )  # fmt: skip
+        if fast.precision == "bf16" and not native_bf16(device):
+            log.warning(
+                "trainer.precision=bf16 on a %s without native bf16 is emulated: steps measured 7-11x slower "
+                "than fp32 on an AVX2 CPU (README, Speed); trainer.precision=auto picks what this device runs fast",
+                device.type,
+            )
+        if checkpoint is not None:
+            log.info(
+                "resumed from %s at epoch %d, step %d of %d",
+                resume_path, run.state.epoch, run.state.meter.steps, len(run.train_loader),
+            )  # fmt: skip
+        elif cfg.resume == "auto":
+            log.info("resume=auto: no last.pt in %s, starting from scratch", records.dir)
+        try:
+            return _train(cfg, context, run, records, end_of_run, resumed=checkpoint is not None)
+        except CbamError as e:
+            e.report(log)  # into train.log too, while it is open
+            raise
 
 
 @dataclass
