@@ -24,7 +24,7 @@ from wandb_records import _payloads, read_run
 from cbam.report import holm, paired, welch
 from cbam.report import stats as ours
 from cbam.report.report import README_END, README_START, build, plans, readme_block, readme_marker
-from cbam.report.runs import Run
+from cbam.report.runs import Run, find_run_dirs
 from cbam.report.table import csv_row, markdown_row, summarize
 
 SWEEP = [
@@ -512,6 +512,15 @@ def test_a_paired_plan_pairs_first_the_seeds_one_side_already_ran(tmp_path):
         f"python train.py -m attention=none trainer.epochs=3 seed=4,5 hydra.sweep.dir={tmp_path} resume=auto",
         f"python train.py -m attention=x trainer.epochs=3 seed=5 hydra.sweep.dir={tmp_path} resume=auto",
     ]
+
+
+def test_run_dirs_given_one_by_one_still_belong_to_their_sweep(sweep, tmp_path):
+    """`compare.py multirun/x/*-resnet56-*` (a backbone at a time, as the README says): the commands that
+    decide a row continue that sweep, not a new timestamped one. A single run's dir is in no sweep."""
+    job_dirs = sorted(sweep.resolve() / name for name in runs_of(sweep).values())
+    assert find_run_dirs(job_dirs) == [(d, sweep.resolve()) for d in job_dirs]
+    single = shutil.copytree(job_dirs[0], tmp_path.resolve() / "2026-12-07_17-00-00")  # hydra.run.dir's naming
+    assert find_run_dirs([single]) == [(single, None)]
 
 
 def test_paired_columns_match_the_runs_and_undecided_rows_get_a_command(sweep, report):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,14 @@ class Run:
         return self.final_top1 if self.evaluated_top1 is None else self.evaluated_top1
 
 
+# A multirun job's dir as conf/train.yaml's hydra.sweep.subdir names it: <job>-<model>-<variant>-s<seed>.
+SWEEP_JOB_DIR = re.compile(r"\d+-.+-s\d+")
+
+
 def find_run_dirs(paths: Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
-    """(run dir, the multirun dir it was found in or None), for run dirs and multirun dirs (their subdirs)."""
+    """(run dir, the multirun dir it belongs to or None), for run dirs and multirun dirs (their subdirs). A
+    run dir given alone (`multirun/x/*-resnet56-*`) belongs to its parent when it is named as a sweep's job,
+    so that the commands that decide a row continue that sweep."""
     if not paths:
         raise ConfigError(f"no runs given: pass a multirun dir or run dirs ({WHAT_A_RUN_HOLDS})")
     found: dict[Path, Path | None] = {}
@@ -49,7 +56,7 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[tuple[Path, Path | None]]
         if not path.is_dir():
             raise ConfigError(f"{path} does not exist or is not a dir: pass a multirun dir or run dirs")
         if RunRecords(path).holds_a_run():
-            found.setdefault(path.resolve(), None)
+            found.setdefault(path.resolve(), path.resolve().parent if SWEEP_JOB_DIR.fullmatch(path.name) else None)
             continue
         subdirs = sorted(p for p in path.iterdir() if p.is_dir() and RunRecords(p).holds_a_run())
         if not subdirs:
