@@ -360,7 +360,8 @@ def test_train_runs_in_process_from_a_composed_config(tmp_path):
 
 def test_eval_refuses_a_checkpoint_of_another_variant(finished_run, tmp_path):
     other = tmp_path / "other"
-    run("train.py", *FAST, "attention=cbam_deep_spatial", f"hydra.run.dir={other}", cwd=tmp_path)
+    tiny = [o for o in FAST if not o.startswith("data.source.")] + ["data.source.train_size=32", "data.source.val_size=32"]
+    run("train.py", *tiny, "attention=cbam_deep_spatial", f"hydra.run.dir={other}", cwd=tmp_path)
     (finished_run.parent / "mixed").mkdir(exist_ok=True)
     mixed = finished_run.parent / "mixed"
     (mixed / "config.yaml").write_text((finished_run / "config.yaml").read_text())
@@ -390,7 +391,7 @@ class HostSyncs(torch.overrides.TorchFunctionMode):
 
 def host_syncs(tmp_path, train_size: int, *overrides: str) -> int:
     cfg = compose_config("train", "logger=none", *FAST[:-1], f"data.source.train_size={train_size}",
-                         "trainer.log_every_n_steps=1000", *overrides)  # fmt: skip
+                         "data.source.val_size=32", "trainer.log_every_n_steps=1000", *overrides)  # fmt: skip
     context = RunContext(run_dir=tmp_path / f"run-{train_size}", choices={"attention": "cbam", "model": "resnet20",
                                                                           "data": "synthetic"})  # fmt: skip
     with HostSyncs() as mode:
@@ -402,8 +403,8 @@ def host_syncs(tmp_path, train_size: int, *overrides: str) -> int:
     "overrides", [(), ("trainer.grad_clip=1.0", "trainer.ema_decay=0.99")], ids=["default", "clip+ema"]
 )
 def test_a_training_step_waits_for_the_device_only_at_the_log_cadence(tmp_path, overrides):
-    """8 and 16 steps between two checks: the same number of host syncs, so none comes from a step."""
-    assert host_syncs(tmp_path, 256, *overrides) == host_syncs(tmp_path, 512, *overrides)
+    """2 and 4 steps between two checks: the same number of host syncs, so none comes from a step."""
+    assert host_syncs(tmp_path, 64, *overrides) == host_syncs(tmp_path, 128, *overrides)
 
 
 def test_every_run_starts_from_a_clean_compile_state(tmp_path, monkeypatch):
