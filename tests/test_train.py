@@ -360,7 +360,8 @@ def test_train_runs_in_process_from_a_composed_config(tmp_path):
 
 def test_eval_refuses_a_checkpoint_of_another_variant(finished_run, tmp_path):
     other = tmp_path / "other"
-    tiny = [o for o in FAST if not o.startswith("data.source.")] + ["data.source.train_size=32", "data.source.val_size=32"]
+    sizes = ["data.source.train_size=32", "data.source.val_size=32"]
+    tiny = [*(o for o in FAST if not o.startswith("data.source.")), *sizes]
     run("train.py", *tiny, "attention=cbam_deep_spatial", f"hydra.run.dir={other}", cwd=tmp_path)
     (finished_run.parent / "mixed").mkdir(exist_ok=True)
     mixed = finished_run.parent / "mixed"

@@ -11,7 +11,6 @@ train.lock      while a process trains here: locked by it (flock), so that a sec
 """
 
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -143,6 +142,8 @@ class RunRecords:
 
     def _lock(self) -> tuple[str | None, int | None]:
         """(None, the locked fd), or (who holds it, None), or (None, None) where the filesystem cannot lock."""
+        import fcntl  # POSIX only, as training is: reading runs (compare.py) works anywhere
+
         while True:
             fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
