@@ -23,7 +23,15 @@ from wandb_records import _payloads, read_run
 
 from cbam.report import holm, paired, welch
 from cbam.report import stats as ours
-from cbam.report.report import README_END, README_START, build, plans, readme_block, readme_marker
+from cbam.report.report import (
+    README_END,
+    README_START,
+    build,
+    default_out,
+    plans,
+    readme_block,
+    readme_marker,
+)
 from cbam.report.runs import Run, find_run_dirs
 from cbam.report.table import csv_row, markdown_row, summarize
 
@@ -521,6 +529,9 @@ def test_run_dirs_given_one_by_one_still_belong_to_their_sweep(sweep, tmp_path):
     assert find_run_dirs(job_dirs) == [(d, sweep.resolve()) for d in job_dirs]
     single = shutil.copytree(job_dirs[0], tmp_path.resolve() / "2026-12-07_17-00-00")  # hydra.run.dir's naming
     assert find_run_dirs([single]) == [(single, None)]
+    # The report of some of a sweep's runs is not written into one of them, nor over the sweep's own report.
+    assert default_out(job_dirs[:1]) == default_out(job_dirs) == Path("compare")
+    assert default_out([sweep]) == sweep / "compare"
 
 
 def test_paired_columns_match_the_runs_and_undecided_rows_get_a_command(sweep, report):

@@ -55,6 +55,11 @@ def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
         time.sleep(0.01)
 
 
+def own_records(run_dir: Path) -> dict:
+    """The run dir's files but W&B's: its service, a process of its own, writes on while the run is stopped."""
+    return {name: digest for name, digest in tree_digest(run_dir).items() if not name.startswith("wandb/")}
+
+
 def first_epoch_recorded(run_dir: Path):
     metrics = run_dir / "metrics.jsonl"
     return lambda: metrics.exists() and metrics.read_text().strip() != ""
@@ -79,10 +84,10 @@ def test_a_stop_signal_writes_last_pt_exits_75_and_resume_matches(straight_run, 
     # the run to it and writes nothing.
     proc.send_signal(signal.SIGSTOP)
     try:
-        before = tree_digest(stopped)
+        before = own_records(stopped)
         with pytest.raises(RunInProgress, match=rf"{stopped} is being trained by another process \(pid {proc.pid} on"):
             train_in(stopped, "resume=auto")
-        assert tree_digest(stopped) == before
+        assert own_records(stopped) == before
     finally:
         proc.send_signal(signal.SIGCONT)
     proc.send_signal(sig)  # lands in the second of three epochs
@@ -111,6 +116,82 @@ def test_sigkill_leaves_the_newest_complete_checkpoint_and_resume_continues(stra
     assert_resume_reproduces(straight_run, killed)
     assert not list(killed.glob(".*.tmp"))  # the next checkpoint write cleared it
     assert not (killed / "train.lock").exists()
+
+
+# ---- the run dir's lock (RunRecords.claimed): one process trains a run dir at a time ----
+
+
+@pytest.mark.parametrize("old_holder_still_locks", [False, True], ids=["old-released", "old-still-locked"])
+def test_a_lock_file_removed_by_its_finishing_holder_is_taken_again_on_the_new_one(
+    tmp_path, monkeypatch, old_holder_still_locks
+):
+    """Opened just before its holder removed it (the holder is done): locking that file would guard nothing,
+    and refusing on it would refuse a free dir. The claim goes on to a new train.lock, which it then holds."""
+    import fcntl
+
+    records = RunRecords(tmp_path)
+    records.lock.write_text("pid 1 on elsewhere since then")
+    stale = os.open(records.lock, os.O_RDWR)
+    old_holder = os.open(records.lock, os.O_RDWR)
+    if old_holder_still_locks:
+        fcntl.flock(old_holder, fcntl.LOCK_EX)
+    records.lock.unlink()
+    real_open, calls = os.open, []
+
+    def open_stale_first(path, *args, **kwargs):
+        calls.append(path)
+        return stale if len(calls) == 1 else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_stale_first)
+    try:
+        with records.claimed() as holder:
+            monkeypatch.setattr(os, "open", real_open)
+            assert holder is None and len(calls) == 2
+            assert records.lock.read_text().startswith(f"pid {os.getpid()} on ")
+            with RunRecords(tmp_path).claimed() as second:  # the new file is the one held
+                assert second.startswith(f"pid {os.getpid()} on ")
+        assert not records.lock.exists()
+    finally:
+        os.close(old_holder)
+
+
+def test_without_flock_the_run_goes_on_unguarded_after_a_warning(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with RunRecords(tmp_path / "run").claimed() as holder:
+        assert holder is None
+    assert "nothing keeps a second process from training this dir" in caplog.text
+    assert not (tmp_path / "run").exists()  # neither the lock file nor the dir it made is left
+
+
+def test_a_killed_holders_forked_child_does_not_keep_the_lock(tmp_path):
+    """A DataLoader worker is forked: were the lock's fd its own too, the dir would stay held after its
+    parent is killed, for as long as the worker lives."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, signal, sys, time\n"
+            "from cbam.engine.records import RunRecords\n"
+            f"with RunRecords({str(tmp_path)!r}).claimed():\n"
+            "    if os.fork() == 0:\n"
+            "        time.sleep(60)\n"
+            "        os._exit(0)\n"
+            "    print('held', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        )],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.wait(timeout=60)
+        assert holder.returncode == -signal.SIGKILL and (tmp_path / "train.lock").exists()
+        with RunRecords(tmp_path).claimed() as second:
+            assert second is None  # free, while the child still runs
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path):

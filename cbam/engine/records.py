@@ -100,6 +100,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
+# The train.lock fds this process holds. A child forked without exec (a DataLoader worker) would share each
+# lock and keep it after its parent is killed: it closes its copies at once (the parent's lock stays).
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunRecords:
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
@@ -133,6 +148,7 @@ class RunRecords:
         finally:
             if fd is not None:
                 self.lock.unlink(missing_ok=True)  # before the unlock: a waiting process then retries on a new file
+                _HELD_LOCKS.discard(fd)
                 os.close(fd)
             if created:
                 try:
@@ -141,34 +157,54 @@ class RunRecords:
                     pass
 
     def _lock(self) -> tuple[str | None, int | None]:
-        """(None, the locked fd), or (who holds it, None), or (None, None) where the filesystem cannot lock."""
+        """(None, the locked fd), or (who holds it, None), or (None, None) where the lock cannot be taken."""
         import fcntl  # POSIX only, as training is: reading runs (compare.py) works anywhere
 
         while True:
-            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the dir, made by another command that was then refused, removed again
+                self.dir.mkdir(parents=True, exist_ok=True)
+                continue
+            except OSError as e:  # a read-only checkout, another user's file
+                return self._unguarded(e), None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
             except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    made_here = os.fstat(fd).st_size == 0
+                    os.close(fd)
+                    if made_here:
+                        self.lock.unlink(missing_ok=True)
+                    return self._unguarded(e), None
+                locked = False
+            try:
+                current = os.stat(self.lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # its holder finished and removed it after our open: take the next one
+                os.close(fd)
+                continue
+            if not locked:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
                 os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    return holder or "another process", None
-                if not holder:
-                    self.lock.unlink(missing_ok=True)  # ours, just made: leave nothing behind
-                log.warning(
-                    "cannot lock %s (%s): nothing keeps a second process from training this dir at the same time",
-                    self.lock, os.strerror(e.errno),
-                )  # fmt: skip
-                return None, None
+                return holder or "another process", None
             try:
-                current = os.stat(self.lock).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fd).st_ino:
                 os.ftruncate(fd, 0)  # a killed holder's line
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}".encode())
-                return None, fd
-            os.close(fd)  # its holder removed it between our open and our lock: take the new one
+            except BaseException:
+                self.lock.unlink(missing_ok=True)
+                os.close(fd)
+                raise
+            _HELD_LOCKS.add(fd)
+            return None, fd
+
+    def _unguarded(self, e: OSError) -> None:
+        log.warning(
+            "cannot lock %s (%s): nothing keeps a second process from training this dir at the same time",
+            self.lock, os.strerror(e.errno),
+        )  # fmt: skip
 
     def holds_a_run(self) -> bool:
         """A run was started here (reports list it, finished or not)."""

@@ -320,10 +320,9 @@ def update_readme(readme: Path, paths: Sequence[str | Path], c: Comparison) -> N
 
 
 def default_out(paths: Sequence[str | Path], name: str = COMPARE) -> Path:
-    """<multirun dir>/<name> for one multirun dir, else ./<name>; `name` is the comparison's (Comparison.name)."""
-    found = find_run_dirs(paths)
-    sweeps = {sweep for _, sweep in found}
-    if len(paths) == 1 and len(sweeps) == 1 and None not in sweeps:
+    """<multirun dir>/<name> for one multirun dir, else ./<name> (also for some of a sweep's run dirs: the
+    whole sweep's comparison keeps its own); `name` is the comparison's (Comparison.name)."""
+    if len(paths) == 1 and Path(paths[0]).resolve() in {sweep for _, sweep in find_run_dirs(paths)}:
         return Path(paths[0]) / name
     return Path(name)
 
