@@ -22,6 +22,7 @@ from cbam.attention.channel import DescriptorBatchNorm
 from cbam.cli import torchrun_argv
 from cbam.engine import distributed as dist
 from cbam.engine.loop import StepChecks, StepParts
+from cbam.engine.records import RunRecords
 from cbam.engine.state import EpochMeter
 from cbam.errors import Diverged
 
@@ -162,6 +163,25 @@ def test_a_stopped_torchrun_job_resumes_to_the_uninterrupted_metrics(runs, tmp_p
     wandb_ids = {p.stem.removeprefix("run-") for p in stopped.glob("wandb/offline-run-*/run-*.wandb")}
     assert wandb_ids == {summary["wandb_run_id"]}  # the resumed job continues the same W&B run
     assert {p.name for p in tmp_path.iterdir()} == {"stopped", "tmp", "torchrun.log"}
+    assert not leftover_rank_dirs(tmp_path)
+
+
+@pytest.mark.slow  # ~15 s: one more torchrun job
+def test_a_torchrun_job_whose_dir_another_process_holds_ends_on_every_rank_and_writes_nothing(tmp_path):
+    """Rank 0 alone takes the run dir's lock; every rank must hear it was refused, or the others would wait
+    in the first collective until torchrun's timeout."""
+    held = tmp_path / "held"
+    with RunRecords(held).claimed() as holder:
+        assert holder is None
+        result = subprocess.run(
+            [*TORCHRUN, str(ROOT / "train.py"), *DDP, f"hydra.run.dir={held}", "resume=auto"],
+            cwd=tmp_path, capture_output=True, text=True, env=env(tmp_path / "tmp"), timeout=300,
+        )  # fmt: skip
+        assert sorted(p.name for p in held.iterdir()) == ["train.lock"]
+    output = result.stdout + result.stderr
+    refused = f"{held} is being trained by another process (pid "
+    assert result.returncode != 0 and f"[rank 1] ERROR: error: {refused}" in output, output[-3000:]
+    assert "failed (exitcode: 75) local_rank: 0" in output  # rank 0 too, at once: nothing waited for a timeout
     assert not leftover_rank_dirs(tmp_path)
 
 
