@@ -1,5 +1,6 @@
 """Data: the real on-disk formats, the two loaders' equivalence, determinism, sharding, errors."""
 
+import gzip
 import pickle
 from collections import Counter
 
@@ -105,6 +106,10 @@ def test_cifar10_reads_the_python_pickles(tmp_path):
     write_pickle(base / "test_batch", {"data": cifar_images(5, rng), "labels": test_labels})
     write_pickle(base / "batches.meta", {"label_names": names, "num_cases_per_batch": 3, "num_vis": 3072})
     assert_cifar(tmp_path, "cifar10", {"train": train}, "labels", names, test_labels)
+    # Cut short (an extraction interrupted): named, with the fix, not an UnpicklingError traceback.
+    test_batch = base / "test_batch"
+    test_batch.write_bytes(test_batch.read_bytes()[:100])
+    assert_data_error(data_cfg("cifar10", f"source.root={tmp_path}"), f"{test_batch} is not a complete", "delete it")
 
 
 def test_cifar100_reads_the_python_pickles(tmp_path):
@@ -358,3 +363,42 @@ def test_imagenet_errors(tmp_path):
 
 def test_holdout_too_large():
     assert_data_error(data_cfg("synthetic", "holdout=2048"), "data.holdout=2048", "2047")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("holdout=0.1", "data.holdout=0.1 must be a whole number of images"),
+        ("holdout=-5", "data.holdout=-5 must be a whole number of images"),
+        ("pad=-2", "data.pad=-2 must be a whole number of pixels"),
+    ],
+)
+def test_data_options_out_of_range_are_one_clear_error(override, message):
+    assert_data_error(data_cfg("synthetic", override), message)
+
+
+def test_a_folder_dataset_needs_its_statistics_given(tmp_path):
+    write_image_folder(tmp_path / "full")
+    cfg = data_cfg("imagenet", f"source.root={tmp_path / 'full'}", "num_classes=2", "mean=null")
+    assert_data_error(cfg, "data.mean and data.std are computed on load only for datasets held as tensors")
+
+
+CUTS = {"half": lambda raw: raw[: len(raw) // 2], "empty": lambda raw: b"", "header": lambda raw: raw[:6]}
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
+@pytest.mark.parametrize("cut", CUTS.values(), ids=CUTS.keys())
+def test_an_idx_file_cut_short_is_named_with_the_fix(tmp_path, cut, gz):
+    """A download cut short leaves a file of the right name: the error names it (no EOFError traceback)."""
+    debian = sources.FASHION_MNIST_DIRS[0]
+    for name in sources.FASHION_MNIST_FILES:
+        (tmp_path / f"{name}.gz").write_bytes((debian / f"{name}.gz").read_bytes())
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    if gz:
+        labels.write_bytes(cut(labels.read_bytes()))
+    else:
+        raw = gzip.decompress(labels.read_bytes())
+        labels.unlink()
+        labels = labels.with_suffix("")
+        labels.write_bytes(cut(raw))
+    assert_data_error(data_cfg("fashion_mnist", f"source.root={tmp_path}"), f"{labels} is not a complete", "delete it")

@@ -48,6 +48,10 @@ def make_loaders(
         raise DataError(f"data.loader={data_cfg.loader} must be memory or torch")
     if len(data.classes) != data_cfg.num_classes:
         raise DataError(f"{data_cfg.name} has {len(data.classes)} classes: set data.num_classes={len(data.classes)}")
+    for key, what in (("holdout", "images (0: the dataset's own val split)"), ("pad", "pixels (0: no cropping)")):
+        value = data_cfg.get(key, 0)  # an image folder's recipe has no pad
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"data.{key}={value} must be a whole number of {what}")
     common = dict(device=device, seed=seed, rank=rank, world_size=world_size)
     train_opts = dict(train=True, batch_size=data_cfg.batch_size, **common)  # shuffled, augmented, drop_last
     val_opts = dict(train=False, batch_size=data_cfg.eval_batch_size, **common)
@@ -58,6 +62,11 @@ def make_loaders(
         if data_cfg.holdout:
             raise DataError(
                 f"data.holdout needs a dataset held as tensors, which {data_cfg.name} is not: use data.holdout=0"
+            )
+        if data_cfg.mean is None or data_cfg.std is None:
+            raise DataError(
+                f"data.mean and data.std are computed on load only for datasets held as tensors, which "
+                f"{data_cfg.name} is not: set both to its train split's per-channel statistics"
             )
         torch_opts = dict(num_workers=data_cfg.num_workers, mean=data_cfg.mean, std=data_cfg.std)
         return (

@@ -88,12 +88,18 @@ def _read_idx(path: Path) -> torch.Tensor:
     Not torchvision's read_sn3_pascalvincent_tensor: it opens only uncompressed files (Debian ships .gz)
     and asserts on a truncated one, where this says which file to fetch again.
     """
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    incomplete = DataError(f"{path} is not a complete uint8 IDX file: delete it so that it is fetched again")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile):  # a download cut short, a file that is not gzip
+        raise incomplete from None
+    ndim = raw[3] if len(raw) > 3 else 0
+    if raw[:3] != b"\x00\x00\x08" or ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise incomplete
     shape = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
-    if raw[:3] != b"\x00\x00\x08" or len(raw) != 4 + 4 * ndim + math.prod(shape):
-        raise DataError(f"{path} is not a complete uint8 IDX file: delete it so that it is fetched again")
+    if len(raw) != 4 + 4 * ndim + math.prod(shape):
+        raise incomplete
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
 
 
@@ -123,8 +129,11 @@ def fashion_mnist(root: str | None = None) -> TensorData:
 
 
 def _unpickle(path: Path) -> dict:
-    with path.open("rb") as f:
-        return pickle.load(f, encoding="latin1")  # the files were pickled by Python 2
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="latin1")  # the files were pickled by Python 2
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:  # cut short while extracted, or not a pickle
+        raise DataError(f"{path} is not a complete CIFAR pickle ({e}): delete it so that it is fetched again") from None
 
 
 def _cifar(
