@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as torch_dist
-from conftest import ROOT
+from conftest import ROOT, compose_config
 from test_train import tree_digest
 from torch import nn
 from wandb_records import read_run
@@ -21,6 +21,7 @@ from wandb_records import read_run
 from cbam.attention.channel import DescriptorBatchNorm
 from cbam.cli import torchrun_argv
 from cbam.engine import distributed as dist
+from cbam.engine.eval_checkpoint import evaluate_checkpoint
 from cbam.engine.loop import StepChecks, StepParts
 from cbam.engine.records import RunRecords
 from cbam.engine.state import EpochMeter
@@ -121,6 +122,23 @@ def test_without_sync_bn_each_process_keeps_its_own_batch_statistics(runs, tmp_p
     ours = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     theirs = torch.load(ddp_dir(runs) / "last.pt", weights_only=True)["model"]
     assert not torch.allclose(ours["bn1.running_mean"], theirs["bn1.running_mean"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow  # ~30 s: one more torchrun job
+def test_a_torchrun_run_without_sync_bn_evaluates_what_it_saves(tmp_path):
+    """Each rank evaluates its share of val with rank 0's BatchNorm statistics, which last.pt holds (after a
+    step each rank's own differ by its batch): eval.py of last.pt gives the run's val numbers."""
+    learned = [a for a in ARGS if not a.startswith(("optim.optimizer.lr=", "data.source.train_size="))]
+    run_dir = tmp_path / "run"
+    train(*learned, "data.source.train_size=1024", "data.batch_size=16", "trainer.sync_bn=false",
+          f"hydra.run.dir={run_dir}", cwd=tmp_path, launcher=TORCHRUN)  # fmt: skip
+    last = rows(run_dir)[-1]
+    assert last["val/top1"] > 50  # learned: the statistics matter (at chance the loss is ln 10 whatever they are)
+    evaluated = evaluate_checkpoint(
+        compose_config("eval", f"checkpoint={run_dir / 'last.pt'}", "device=cpu", "wandb=false")
+    )
+    assert evaluated["val/loss"] == pytest.approx(last["val/loss"], rel=1e-5)
+    assert evaluated["val/top1"] == last["val/top1"]
 
 
 def test_a_stopped_torchrun_job_resumes_to_the_uninterrupted_metrics(runs, tmp_path):

@@ -80,6 +80,16 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP sends them only at the start of
+    a training forward, so after an epoch's last step each rank's differ by its own batch (without
+    SyncBatchNorm; an EMA copy's too): evaluated so, each rank's share of val would be scored by another
+    model than the one rank 0 saves, and eval.py of that checkpoint would not give the run's numbers."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -397,6 +397,7 @@ def _epochs(cfg: DictConfig, run: SetUp, records: RunRecords, history: list, tra
             )
         row = {"epoch": epoch, "step": state.global_step, "lr": state.optimizer.param_groups[0]["lr"]}
         row |= epoch_train_metrics(state.meter)
+        dist.broadcast_buffers(state.eval_model)
         val = evaluate(
             state.eval_model, val_loader, device=device, num_classes=cfg.data.num_classes,
             autocast=parts.autocast, channels_last=parts.channels_last,
