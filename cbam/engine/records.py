@@ -167,7 +167,7 @@ class RunRecords:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 continue
             except OSError as e:  # a read-only checkout, another user's file
-                return self._unguarded(e), None
+                return self._unguarded(e)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked = True
@@ -177,7 +177,7 @@ class RunRecords:
                     os.close(fd)
                     if made_here:
                         self.lock.unlink(missing_ok=True)
-                    return self._unguarded(e), None
+                    return self._unguarded(e)
                 locked = False
             try:
                 current = os.stat(self.lock).st_ino == os.fstat(fd).st_ino
@@ -200,11 +200,13 @@ class RunRecords:
             _HELD_LOCKS.add(fd)
             return None, fd
 
-    def _unguarded(self, e: OSError) -> None:
+    def _unguarded(self, e: OSError) -> tuple[None, None]:
+        """No lock to be had here: say so, and go on as if it were held (nobody holds it, nothing to close)."""
         log.warning(
             "cannot lock %s (%s): nothing keeps a second process from training this dir at the same time",
             self.lock, os.strerror(e.errno),
         )  # fmt: skip
+        return None, None
 
     def holds_a_run(self) -> bool:
         """A run was started here (reports list it, finished or not)."""
