@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-wandb", action="store_true", help="write the files only, log nothing to W&B")
     parser.add_argument(
         "--finished-only", action="store_true",
-        help="compare the finished runs and name the others in a warning (a sweep still running); "
-        "without it, an unfinished run is an error",
+        help="compare the finished runs and name the others in a warning (a sweep still running), those "
+        "training now apart from those that stopped; without it, an unfinished run is an error",
     )  # fmt: skip
     parser.add_argument(
         "--bn-batch-stats", action="store_true",

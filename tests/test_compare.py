@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from scipy import stats as scipy_stats
 from wandb.proto import wandb_internal_pb2
 from wandb_records import _payloads, read_run
 
+from cbam.engine.records import RunRecords
 from cbam.report import holm, paired, welch
 from cbam.report import stats as ours
 from cbam.report.report import (
@@ -353,13 +355,27 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, change, args, message
 
 def test_finished_only_compares_a_sweep_still_running_and_names_what_it_leaves_out(sweep, tmp_path):
     copy = copy_sweep(sweep, tmp_path / "sweep")
-    running = copy / runs_of(sweep)["cbam", 1]
-    (running / "summary.json").unlink()  # as a run still training has none yet
-    result = compare(copy, "--finished-only", "--no-wandb", cwd=tmp_path)
-    assert f"warning: leaving out 1 unfinished run(s): {running}" in result.stderr
-    assert "Compared 3 runs of 2 variants" in result.stdout
-    [cbam] = [r for r in csv.DictReader((copy / "compare" / "comparison.csv").open()) if r["variant"] == "cbam"]
-    assert cbam["seeds"] == "0"
+    running, stopped = copy / runs_of(sweep)["cbam", 1], copy / runs_of(sweep)["none", 1]
+    for run_dir in (running, stopped):
+        (run_dir / "summary.json").unlink()  # as a run still training, or stopped, has none yet
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    (stopped / "train.lock").write_text(f"pid {killed.pid} on {socket.gethostname()} since 2026-12-07 10:00:00")
+    with RunRecords(running).claimed() as holder:  # held as a training process holds it
+        assert holder is None
+        refused = run("scripts/compare.py", copy, "--no-wandb", cwd=tmp_path)
+        result = compare(copy, "--finished-only", "--no-wandb", cwd=tmp_path)
+    training = f"{running} (pid {os.getpid()} on {socket.gethostname()} since "
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"error: 1 run(s) are training now: {training}" in refused.stderr
+    assert "wait for them to finish or pass --finished-only; " in refused.stderr
+    assert f"1 run(s) did not finish (no summary.json): {stopped}; resume them" in refused.stderr  # a killed holder's
+    assert f"warning: leaving out 1 run(s) training now: {training}" in result.stderr
+    assert "may train one of theirs again under another job number" in result.stderr
+    assert f"warning: leaving out 1 unfinished run(s): {stopped}\n" in result.stderr
+    assert "Compared 2 runs of 2 variants" in result.stdout
+    rows = {r["variant"]: r for r in csv.DictReader((copy / "compare" / "comparison.csv").open())}
+    assert rows["cbam"]["seeds"] == rows["none"]["seeds"] == "0"
 
 
 def readme_blocks(text: str) -> dict[str, str]:

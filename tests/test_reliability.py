@@ -88,6 +88,7 @@ def test_a_stop_signal_writes_last_pt_exits_75_and_resume_matches(straight_run, 
         with pytest.raises(RunInProgress, match=rf"{stopped} is being trained by another process \(pid {proc.pid} on"):
             train_in(stopped, "resume=auto")
         assert own_records(stopped) == before
+        assert RunRecords(stopped).trainer().startswith(f"pid {proc.pid} on ")  # what compare.py names
     finally:
         proc.send_signal(signal.SIGCONT)
     proc.send_signal(sig)  # lands in the second of three epochs
@@ -113,6 +114,7 @@ def test_sigkill_leaves_the_newest_complete_checkpoint_and_resume_continues(stra
     checkpoint = torch.load(killed / "last.pt", weights_only=True)  # complete, whatever the moment
     assert checkpoint["epoch"] >= 1
     assert (killed / "train.lock").read_text().startswith(f"pid {proc.pid} on ")  # left behind, but not locked
+    assert RunRecords(killed).trainer() is None  # its holder is gone: a stopped run, not one training
     assert_resume_reproduces(straight_run, killed)
     assert not list(killed.glob(".*.tmp"))  # the next checkpoint write cleared it
     assert not (killed / "train.lock").exists()

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -98,6 +99,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+# train.lock's holder line, as RunRecords._lock writes it.
+_HOLDER = re.compile(r"pid (?P<pid>\d+) on (?P<host>\S+) since .+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 # The train.lock fds this process holds. A child forked without exec (a DataLoader worker) would share each
@@ -199,6 +214,22 @@ class RunRecords:
                 raise
             _HELD_LOCKS.add(fd)
             return None, fd
+
+    def trainer(self) -> str | None:
+        """Who trains this dir now, as far as can be told without taking its lock (a probe holding it for an
+        instant would refuse a trainer starting then): train.lock's holder line, or None when there is no
+        train.lock or its holder was a process of this machine that no longer exists (a SIGKILL leaves the
+        file behind). A holder on another machine sharing the filesystem cannot be checked: it is named."""
+        try:
+            holder = self.lock.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return "another process"
+        named = _HOLDER.fullmatch(holder)
+        if named and named["host"] == socket.gethostname() and not _alive(int(named["pid"])):
+            return None
+        return holder or "another process"
 
     def _unguarded(self, e: OSError) -> tuple[None, None]:
         """No lock to be had here: say so, and go on as if it were held (nobody holds it, nothing to close)."""

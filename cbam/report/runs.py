@@ -75,23 +75,41 @@ def _names(dirs: list[Path]) -> list[str]:
 
 def load_runs(paths: Sequence[str | Path], finished_only: bool = False) -> list[Run]:
     """Every run under `paths`; one ConfigError naming all runs that did not finish (no summary.json), or
-    with `finished_only` (a sweep still running) a warning naming them, and the finished ones."""
-    found, unfinished = [], []
+    with `finished_only` (a sweep still running) a warning naming them, and the finished ones. Runs that
+    are training now (their train.lock is held) are told apart from runs that stopped."""
+    found, training, stopped = [], [], []
     for run_dir, sweep in find_run_dirs(paths):
-        if RunRecords(run_dir).summary.exists():
+        records = RunRecords(run_dir)
+        if records.summary.exists():
             found.append((run_dir, sweep))
+        elif holder := records.trainer():
+            training.append(f"{run_dir} ({holder})")
         else:
-            unfinished.append(str(run_dir))
-    if unfinished and not finished_only:
-        raise ConfigError(
-            f"{len(unfinished)} run(s) did not finish (no summary.json): {', '.join(unfinished)}; "
-            "resume them (train.py ... hydra.run.dir=<run dir> resume=auto), pass only finished runs, "
-            "or pass --finished-only"
-        )
-    if unfinished:
-        log.warning("warning: leaving out %d unfinished run(s): %s", len(unfinished), ", ".join(unfinished))
-        if not found:
-            raise ConfigError(f"no finished runs in {', '.join(map(str, paths))} yet")
+            stopped.append(str(run_dir))
+    if (training or stopped) and not finished_only:
+        problems = []
+        if training:
+            problems.append(
+                f"{len(training)} run(s) are training now: {', '.join(training)}; "
+                "wait for them to finish or pass --finished-only"
+            )
+        if stopped:
+            problems.append(
+                f"{len(stopped)} run(s) did not finish (no summary.json): {', '.join(stopped)}; "
+                "resume them (train.py ... hydra.run.dir=<run dir> resume=auto), pass only finished runs, "
+                "or pass --finished-only"
+            )
+        raise ConfigError("; ".join(problems))
+    if training:
+        log.warning(
+            "warning: leaving out %d run(s) training now: %s; a command that trains more seeds into their sweep "
+            "(as below) may train one of theirs again under another job number: run it once they have finished",
+            len(training), ", ".join(training),
+        )  # fmt: skip
+    if stopped:
+        log.warning("warning: leaving out %d unfinished run(s): %s", len(stopped), ", ".join(stopped))
+    if not found:
+        raise ConfigError(f"no finished runs in {', '.join(map(str, paths))} yet")
     runs = []
     for (run_dir, sweep), name in zip(found, _names([d for d, _ in found]), strict=True):
         records = RunRecords(run_dir)
