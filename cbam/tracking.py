@@ -131,7 +131,11 @@ class WandbTracker:
             action(*args)
         except Exception as e:
             log.warning("W&B call failed (%s); W&B logging stops, training goes on", e)
-            self.run = None
+            run, self.run = self.run, None
+            try:  # marked failed now: left open, the next run's init or wandb's exit hook would finish it as a success
+                run.finish(exit_code=1)
+            except Exception:
+                pass  # W&B is already broken; our records hold the run
 
     def log(self, metrics: dict, step: int) -> None:
         self._guard(lambda: self.run.log(metrics, step=step))

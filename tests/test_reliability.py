@@ -21,10 +21,11 @@ from test_train import FAST, METRICS, rows, run, tree_digest
 from torch import nn
 from wandb_records import read_run
 
-from cbam.engine.checkpoint import CheckpointError, save_checkpoint
+from cbam.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cbam.engine.loop import optimizer_step
 from cbam.engine.records import RunRecords
 from cbam.errors import Diverged, RunInProgress
+from cbam.tracking import WandbTracker
 
 LONGER = [*FAST, "data.source.train_size=512", "trainer.epochs=3"]  # 16 steps an epoch: time to interrupt
 
@@ -335,6 +336,40 @@ def test_a_full_disk_during_training_is_one_clear_error(tmp_path):
     finally:
         # Lazy: W&B's service process of the run may still hold the mount for a moment after train.py exits.
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_checkpoint_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} is not a file"):
+        load_checkpoint(tmp_path)
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def no_permission(file, **kwargs):  # what a file of another user gives (root reads any, so it is simulated)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+
+    monkeypatch.setattr(torch, "load", no_permission)
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path} \\(Permission denied\\)"):
+        load_checkpoint(path)
+
+
+def test_a_failed_wandb_call_ends_the_wandb_run_as_failed_and_stops_calling_it(tmp_path, caplog):
+    """Left open, the run would be finished by the next job's init or by wandb's exit hook, as a success."""
+    tracker = WandbTracker(
+        project="cbam-ablate", entity=None, mode="offline", init_timeout=60, run_dir=tmp_path, name="run",
+        group=None, tags=[], config={},
+    )  # fmt: skip
+    calls = []
+
+    def lost(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("connection lost")
+
+    tracker.run.log = lost
+    with tracker:
+        tracker.log({"train/step_loss": 1.0}, step=1)
+        tracker.log({"train/step_loss": 0.5}, step=2)
+    assert len(calls) == 1 and "W&B call failed (connection lost)" in caplog.text
+    assert read_run(tmp_path)["exit_code"] == 1
 
 
 def test_an_unreachable_wandb_server_falls_back_to_offline(tmp_path):

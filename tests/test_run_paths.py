@@ -179,6 +179,10 @@ def test_compare_bn_batch_stats_compares_what_eval_measured_and_refuses_what_it_
     # measured another way, unreadable; a run with such layers and none; no record at all.
     records = {seed: sweep / f"cbam_improved-s{seed}" / "eval-last-bn_batch_stats.json" for seed in (0, 1)}
     written = records[1].read_text()
+    # eval.py run inside the run dir (checkpoint=last.pt) records the path as given: still this run's record
+    records[1].write_text(json.dumps(json.loads(written) | {"checkpoint": "last.pt"}))
+    inside = {v.name: v for v in build([sweep], baseline="cbam", bn_batch_stats=True).variants}
+    assert inside["cbam_improved"].top1 == variants["cbam_improved"].top1
     remake = f"python eval.py checkpoint={sweep / 'cbam_improved-s1'}/last.pt 'bn_batch_stats="
     for change, refusal in [
         ({"epoch": 0}, "evaluated the weights of epoch 0, but the run ended at epoch 1: evaluate its last.pt again ("

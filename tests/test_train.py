@@ -198,6 +198,15 @@ def test_multirun_makes_one_dir_one_wandb_run_and_one_summary_per_job(tmp_path):
     assert len({r["id"] for r in wandb_runs}) == 4
     assert [r["id"] for r in wandb_runs] == [s["wandb_run_id"] for s in summaries]
     assert {r["group"] for r in wandb_runs} == {"sweep"} and all(r["exit_code"] == 0 for r in wandb_runs)
+    assert [(r["config"]["variant"], r["config"]["attention_preset"]) for r in wandb_runs[1:3]] == [
+        ("none", "none"), ("cbam", "cbam")
+    ]  # fmt: skip
+    # eval.py's run of a checkpoint joins its training run: same group, variant and preset, job_type eval
+    run("eval.py", f"checkpoint={dirs[2] / 'best.pt'}", "device=cpu", cwd=tmp_path)
+    evaluated = read_run(dirs[2] / "eval-best")
+    assert (evaluated["name"], evaluated["group"], evaluated["job_type"]) == ("eval-cbam-s0", "sweep", "eval")
+    assert (evaluated["config"]["variant"], evaluated["config"]["attention_preset"]) == ("cbam", "cbam")
+    assert evaluated["summary"]["val/top1"] == pytest.approx(summaries[2]["best_val_top1"])
 
 
 def test_variants_of_one_preset_get_dirs_of_their_own_also_from_a_later_command(tmp_path):
@@ -371,6 +380,7 @@ def test_eval_refuses_a_checkpoint_of_another_variant(finished_run, tmp_path):
     assert result.returncode == 2
     assert "different model or attention variant" in result.stderr + result.stdout
     assert "spatial.conv.3.weight" in result.stderr + result.stdout
+    assert "The config.yaml beside it is another run's" in result.stderr
 
 
 class HostSyncs(torch.overrides.TorchFunctionMode):

@@ -41,7 +41,7 @@ def _payloads(data: bytes):
 
 
 def read_run(run_dir: Path) -> dict:
-    """{"id", "name", "group", "tags", "config", "history": [row, ...], "summary": {...}, "exit_code"}."""
+    """{"id", "name", "group", "job_type", "tags", "config", "history": [row, ...], "summary": {...}, "exit_code"}."""
     logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1, f"expected one offline W&B run under {run_dir}, found {logs}"
     run = {"history": [], "summary": {}, "exit_code": None}
@@ -51,7 +51,7 @@ def read_run(run_dir: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
-            run.update(id=r.run_id, name=r.display_name, group=r.run_group, tags=list(r.tags))
+            run.update(id=r.run_id, name=r.display_name, group=r.run_group, job_type=r.job_type, tags=list(r.tags))
             run["config"] = {item.key: json.loads(item.value_json) for item in r.config.update}
         elif kind == "history":
             row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}

@@ -68,10 +68,14 @@ def _os_error_behind(e: BaseException) -> OSError | None:
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a last.pt or best.pt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file: pass the path of a last.pt or best.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # no permission to read it, an I/O error
+        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror or e}): check the file") from e
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as e:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}); pass a last.pt or best.pt"
@@ -81,8 +85,14 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Strict load with an error that lists what differs, e.g. a checkpoint of another variant."""
+def load_model_state(
+    model: nn.Module,
+    state_dict: dict,
+    source: str,
+    remedy: str = "Use the same model= and attention= as the run that wrote it",
+) -> None:
+    """Strict load with an error that lists what differs, e.g. a checkpoint of another variant, and says
+    what to do (`remedy`)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -95,7 +105,6 @@ def load_model_state(model: nn.Module, state_dict: dict, source: str) -> None:
                 kinds = sorted({re.sub(r"layer\d+\.\d+\.", "layer*.*.", k) for k in keys})
                 parts.append(f"{label} ({len(keys)}): {', '.join(kinds[:8])}{', ...' if len(kinds) > 8 else ''}")
         raise CheckpointError(
-            f"{source} was saved from a different model or attention variant: {'; '.join(parts)}. "
-            "Use the same model= and attention= as the run that wrote it"
+            f"{source} was saved from a different model or attention variant: {'; '.join(parts)}. {remedy}"
         )
     model.load_state_dict(state_dict)

@@ -100,18 +100,27 @@ def _check_batches(loader, pattern: str) -> None:
 
 
 def _log_to_wandb(run, metrics: dict, run_dir: Path, batch_stats: dict | None) -> None:
-    """The metrics as a W&B run (job_type eval) beside the training run: same project and group, the run's
-    logger settings (logger=none logs nothing). Its files go to run_dir (<output's dir>/eval-<checkpoint>/)."""
-    records = RunRecords(run.path.parent)
-    variant = records.read_summary()["variant"] if records.summary.exists() else run.path.parent.name
+    """The metrics as a W&B run (job_type eval) beside the training run: same project, group, variant and
+    preset, the run's logger settings (logger=none logs nothing). Its files go to run_dir
+    (<output's dir>/eval-<checkpoint>/)."""
+    labels = dict(run.state.get("wandb_labels") or _labels_of_an_older_checkpoint(run))
+    group, variant = labels.pop("group"), labels["variant"]
     title = f"eval-{variant}-s{run.config.seed}" + ("-bn_batch_stats" if batch_stats else "")
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker_cls = instantiate_config(run.config.logger, "logger")
-    config = {"checkpoint": str(run.path), "variant": variant, **OmegaConf.to_container(run.config, resolve=True)}
+    config = {"checkpoint": str(run.path), **labels, **OmegaConf.to_container(run.config, resolve=True)}
     tags = ["eval", variant]
     if batch_stats:
         config["bn_batch_stats"] = batch_stats
         tags.append("bn_batch_stats")
-    with tracker_cls(run_dir=run_dir, name=title, group=run.config.group,
+    with tracker_cls(run_dir=run_dir, name=title, group=group,
                      tags=tags, config=config, job_type="eval") as tracker:  # fmt: skip
         tracker.summary(metrics)
+
+
+def _labels_of_an_older_checkpoint(run) -> dict:
+    """A checkpoint written before checkpoints kept their W&B labels: the variant of the finished run's
+    summary, else its dir's name; the group only where the config set one."""
+    records = RunRecords(run.path.parent)
+    variant = records.read_summary()["variant"] if records.summary.exists() else run.path.parent.name
+    return {"group": run.config.group, "variant": variant}

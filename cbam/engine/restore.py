@@ -64,7 +64,11 @@ def restore_run(
     if eval_batch_size is not None:
         cfg.data.eval_batch_size = eval_batch_size
     model = build_model(cfg).to(device)
-    load_model_state(model, evaluated_weights(state), str(path))
+    load_model_state(
+        model, evaluated_weights(state), str(path),
+        remedy="The config.yaml beside it is another run's: evaluate a checkpoint in its own run dir, or in "
+        "a dir without config.yaml (it carries its own config)",
+    )  # fmt: skip
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)  # the layout it was evaluated in
     val_loader = build_val_loader(cfg.data, device=device, seed=cfg.seed)

@@ -282,15 +282,17 @@ def _train(
     history = records.read_metrics() if resumed else []
     tracker_cls = instantiate_config(cfg.logger, "logger") if main_process else NullTracker
     title = f"{context.variant}-s{cfg.seed}"
+    # W&B groups runs by config keys: the variant (as compare.py groups) and the preset, at the top
+    labels = {"variant": context.variant, "attention_preset": context.choices["attention"]}
+    state.wandb_labels = {"group": cfg.group if cfg.group is not None else context.group, **labels}
     run_start = time.perf_counter()
     with (
         tracker_cls(
             run_dir=records.dir,
             name=title,
-            group=cfg.group if cfg.group is not None else context.group,
+            group=state.wandb_labels["group"],
             tags=[context.variant, context.choices["model"], context.choices["data"], *cfg.tags],
-            # W&B groups runs by config keys: the variant (as compare.py groups) and the preset, at the top
-            config={"variant": context.variant, "attention_preset": context.choices["attention"], **run.resolved},
+            config={**labels, **run.resolved},
             run_id=state.wandb_id,
         ) as tracker,
         stop_on_signals(second_kills=not dist.is_distributed()) as should_stop,

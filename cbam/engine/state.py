@@ -48,6 +48,8 @@ class TrainState:
     best_top1: float = -math.inf
     best_epoch: int | None = None
     wandb_id: str | None = None
+    # how the run shows in W&B ({"group", "variant", "attention_preset"}): eval.py's run of a checkpoint joins it
+    wandb_labels: dict = field(default_factory=dict)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -67,6 +69,7 @@ class TrainState:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "wandb_id": self.wandb_id,
+            "wandb_labels": self.wandb_labels,
             "world_size": dist.world_size(),  # a mid-epoch checkpoint resumes with as many processes
             "steps_per_epoch": self.steps_per_epoch,  # ... and as many steps in an epoch
             "config": self.config,

@@ -169,7 +169,8 @@ def use_bn_batch_stats(runs: list[Run]) -> BatchStatsEval:
             checkpoint, epoch, top1 = Path(record["checkpoint"]), record["epoch"], float(record["val/top1"])
         except (ValueError, OSError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot read {path} ({e!r}): make it again with {remake}") from e
-        if (checkpoint.parent.name, checkpoint.name) != (run.dir.name, "last.pt"):
+        # eval.py records the path as given: a bare last.pt was evaluated from inside the run dir
+        if checkpoint.name != "last.pt" or checkpoint.parent.name not in (run.dir.name, ""):
             raise ConfigError(f"{path} is the record of {checkpoint}, not of this run's last.pt: {remake}")
         if epoch != run.summary["epochs"]:
             raise ConfigError(
