@@ -42,11 +42,16 @@ class Diverged(CbamError, RuntimeError):
 
 
 class Preempted(CbamError):
-    """SIGTERM or SIGINT arrived; last.pt holds the state at the end of the current step: exit 75."""
+    """SIGTERM or SIGINT arrived; last.pt holds the state at the end of the current step: exit 75.
+    `run_finished`: it arrived after the last step, each rank seeing its own signal (no step agreed on it)."""
 
     exit_code = EXIT_TRY_AGAIN  # also the W&B run's exit code
     level = logging.WARNING
     prefix = ""
+
+    def __init__(self, message: str, *, run_finished: bool = False):
+        super().__init__(message)
+        self.run_finished = run_finished
 
 
 class RunInProgress(CbamError):

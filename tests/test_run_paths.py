@@ -17,6 +17,7 @@ from test_recipes import TINY
 from test_train import METRICS, rows, tree_digest
 
 from cbam import tracking
+from cbam.engine import distributed
 from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.eval_checkpoint import evaluate_checkpoint
 from cbam.engine.restore import restore_run
@@ -243,9 +244,14 @@ def test_a_run_resumed_with_other_steps_per_epoch_continues_its_schedule_in_its_
     state = load_checkpoint(first)
     state["meter"]["steps"] = 1  # as if written one step into epoch 1
     torch.save(state, tmp_path / "mid.pt")
-    with pytest.raises(ConfigError, match="written mid-epoch with 4 steps an epoch, and this run has 2"):
-        train_in(tmp_path / "mid", f"resume={tmp_path / 'mid.pt'}", "trainer.epochs=3", "data.batch_size=64")
-    assert not (tmp_path / "mid").exists()
+    mid = f"resume={tmp_path / 'mid.pt'}"
+    for batch_size, steps in ((64, 2), (31, 4)):  # 128 images: in 4 batches of 31 too, at other positions
+        with pytest.raises(
+            ConfigError, match=f"mid-epoch with batches of 32, 4 steps an epoch, and this run has batches of "
+            f"{batch_size}, {steps} steps: resume it with the data.batch_size it trained with",
+        ):  # fmt: skip
+            train_in(tmp_path / "mid", mid, "trainer.epochs=3", f"data.batch_size={batch_size}")
+        assert not (tmp_path / "mid").exists()
 
 
 def test_another_runs_checkpoint_starts_a_run_of_its_own_and_never_over_one(tmp_path):
@@ -292,11 +298,15 @@ def test_relaunching_a_finished_run_does_nothing(tmp_path):
     assert tree_digest(run_dir) == before
 
 
-def test_a_stop_signal_after_the_last_step_still_stops_what_would_follow(tmp_path):
+def test_a_stop_signal_after_the_last_step_still_stops_what_would_follow(tmp_path, monkeypatch):
     """SIGTERM during the final evaluation or the end-of-run figures: the run is finished, and the stop
-    still applies (Preempted, exit 75), so that a multirun does not start its next job to be killed."""
+    still applies (Preempted, exit 75), so that a multirun does not start its next job to be killed. No
+    barrier follows: under torchrun the other ranks, past their last collective, may have returned already."""
+    events = []
+    monkeypatch.setattr(distributed, "barrier", lambda: events.append("barrier"))
 
     def signalled_at_the_end(finished):
+        events.append("signal")
         os.kill(os.getpid(), signal.SIGTERM)
 
     cfg = compose_config("train", *TINY, "attention=cbam")
@@ -306,6 +316,7 @@ def test_a_stop_signal_after_the_last_step_still_stops_what_would_follow(tmp_pat
         train(cfg, RunContext(run_dir=tmp_path / "run", choices=choices), end_of_run=[signalled_at_the_end])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == cfg.trainer.epochs
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+    assert "barrier" in events and events[-1] == "signal"
 
 
 def test_a_resumed_run_whose_last_epoch_was_its_best_rewrites_best_pt(tmp_path):

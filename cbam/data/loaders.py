@@ -114,7 +114,7 @@ class MemoryLoader:
         cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W), mirrored where flipped
         chans = torch.arange(self.x.shape[1], device=device)[:, None, None]  # (C, 1, 1)
         x = self.x[idx[:, None, None, None], chans, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-        return self.normalize(x)  # as the torch loader's: both give identical tensors
+        return self.normalize(x)  # as the torch loader's (whose crops and flips are other draws)
 
 
 class TensorImages(Dataset):

@@ -164,10 +164,12 @@ def train(cfg: DictConfig, context: RunContext, end_of_run: Sequence[EndOfRunHoo
                     "that one; to take it over, stop that one (SIGTERM writes last.pt) and run this with resume=auto"
                 )
             return _train_held(cfg, context, device, records, end_of_run)
-    except (Preempted, Diverged):
+    except (Preempted, Diverged) as e:
         # Every rank raised it after the same step: wait until all are done (rank 0 writing last.pt and
-        # finishing W&B), since torchrun stops the others as soon as one process exits.
-        dist.barrier()
+        # finishing W&B), since torchrun stops the others as soon as one process exits. Not after the run
+        # finished: the other ranks may have returned already, and rank 0 would wait for them alone.
+        if not (isinstance(e, Preempted) and e.run_finished):
+            dist.barrier()
         raise
 
 
@@ -315,7 +317,10 @@ def _train(
     # what would follow it (the next job of a multirun) must not start. No collective here: rank 0 may still
     # be finishing W&B; torchrun passes the signal to every worker, and ends the others when one exits.
     if should_stop():
-        raise Preempted(f"stopped after the last step of {records.dir}, which is finished: resume with resume=auto")
+        raise Preempted(
+            f"stopped after the last step of {records.dir}, which is finished: resume with resume=auto",
+            run_finished=True,
+        )
     return summary
 
 

@@ -81,10 +81,15 @@ class TrainState:
                 f"{source} was written mid-epoch by {state.get('world_size', 1)} process(es), and each "
                 f"process's share of an epoch depends on their number: resume it with as many, not {dist.world_size()}"
             )
-        if state["meter"]["steps"] and state.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+        # the steps an epoch can match with another batch size (128 images in 4 batches of 32 or of 31), whose
+        # positions in the epoch's order differ: both must
+        batches = (state["config"]["data"]["batch_size"], state.get("steps_per_epoch", self.steps_per_epoch))
+        own = (self.config["data"]["batch_size"], self.steps_per_epoch)
+        if state["meter"]["steps"] and batches != own:
             raise ConfigError(
-                f"{source} was written mid-epoch with {state['steps_per_epoch']} steps an epoch, and this run has "
-                f"{self.steps_per_epoch}: resume it with the data.batch_size it trained with, or from an epoch's end"
+                f"{source} was written mid-epoch with batches of {batches[0]}, {batches[1]} steps an epoch, and this "
+                f"run has batches of {own[0]}, {own[1]} steps: resume it with the data.batch_size it trained with, "
+                "or from an epoch's end"
             )
         load_model_state(self.model, state["model"], source)
         # The checkpoint's moments, this run's hyperparameters: load_state_dict would also restore the old
