@@ -1,7 +1,7 @@
 """Attention maps, Grad-CAM and channel weights of checkpoints, side by side.
 
-    python scripts/visualize.py checkpoint=runs/none/best.pt checkpoint=runs/cbam/best.pt
-    python scripts/visualize.py checkpoint=[runs/none/best.pt,runs/cbam/best.pt] blocks=[layer2.2] target=label
+    python scripts/visualize.py checkpoint=runs/none/last.pt checkpoint=runs/cbam/last.pt
+    python scripts/visualize.py checkpoint=[runs/none/last.pt,runs/cbam/last.pt] blocks=[layer2.2] target=label
 
 Writes attention_grid.png and channel_weights.png (to <first run dir>/viz/ unless output=DIR) and
 prints their paths. Exit status: 0 done, 2 bad input (e.g. a checkpoint that does not exist).

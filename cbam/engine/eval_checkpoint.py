@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if cfg.checkpoint is None:
-        raise ConfigError("pass the checkpoint to evaluate: python eval.py checkpoint=outputs/.../best.pt")
+        raise ConfigError("pass the checkpoint to evaluate: python eval.py checkpoint=outputs/.../last.pt")
     if cfg.batch_size is not None and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise ConfigError(f"batch_size={cfg.batch_size} must be a positive integer, or null for the run's own")
     pattern = cfg.bn_batch_stats
