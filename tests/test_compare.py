@@ -527,6 +527,24 @@ def test_a_paired_plan_pairs_first_the_seeds_one_side_already_ran(tmp_path):
     ]
 
 
+def test_an_unpaired_row_gets_cohens_d_and_each_side_its_missing_seeds_paired(tmp_path):
+    """No seed shared (Welch): the variant has the seeds a decision needs, the baseline not; the baseline's
+    command runs seeds the variant ran, so that the next comparison pairs them."""
+    base = [90.0, 90.5, 89.7]
+    variant = [90.6, 90.9, 90.2, 90.8, 90.4, 91.0, 90.5, 90.7, 90.3, 90.9]
+    runs = [fake_run("none", s, t, tmp_path) for s, t in enumerate(base)]
+    runs += [fake_run("x", 10 + s, t, tmp_path) for s, t in enumerate(variant)]
+    variants = summarize(runs, "none")
+    d = variants[1].decision
+    assert (d.test.kind, d.test.n, d.verdict, d.seeds_needed) == ("welch", 3, "undecided", 8)
+    n, m = len(variant), len(base)  # Cohen's d: over the sd pooled by degrees of freedom
+    pooled = math.sqrt(((n - 1) * statistics.variance(variant) + (m - 1) * statistics.variance(base)) / (n + m - 2))
+    assert d.effect_size == pytest.approx((statistics.mean(variant) - statistics.mean(base)) / pooled)
+    assert plans(variants) == [
+        f"python train.py -m attention=none trainer.epochs=3 seed=10,11,12,13,14 hydra.sweep.dir={tmp_path} resume=auto"
+    ]
+
+
 def test_run_dirs_given_one_by_one_still_belong_to_their_sweep(sweep, tmp_path):
     """`compare.py multirun/x/*-resnet56-*` (a backbone at a time, as the README says): the commands that
     decide a row continue that sweep, not a new timestamped one. A single run's dir is in no sweep."""

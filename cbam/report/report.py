@@ -1,5 +1,6 @@
 """`compare(paths)`: read finished runs, group them by variant, write the comparison to --out."""
 
+import itertools
 import logging
 import re
 import shlex
@@ -175,23 +176,28 @@ def plans(variants: list[Variant]) -> list[str]:
         d = v.decision
         if d.verdict != "undecided" or d.seeds_needed is None:
             continue
-        paired = d.test.kind == "paired"
-        have = set(v.seeds) & set(base.seeds) if paired else set(v.seeds)
-        if d.seeds_needed <= len(have):
-            continue
-        # Paired, a seed that one side already ran is the cheapest next pair: only the other side runs it.
-        one_side = sorted((set(v.seeds) | set(base.seeds)) - have) if paired else []
-        target = sorted(have) + one_side[: d.seeds_needed - len(have)]
-        nxt = max([*v.seeds, *base.seeds], default=-1) + 1
-        while len(target) < d.seeds_needed:
-            target.append(nxt)
-            nxt += 1
-        if own := set(target) - set(v.seeds):
-            commands.append(_command(v, own))
-        base_missing |= set(target) - set(base.seeds)
+        own, theirs, n = set(v.seeds), set(base.seeds), d.seeds_needed
+        first_new = max(own | theirs, default=-1) + 1
+        # A seed that one side already ran is the cheapest next one for the other: the new runs then pair.
+        if d.test.kind == "paired":  # the pairs count
+            target = _grown(own & theirs, own ^ theirs, n, first_new)
+            own_target, base_target = target, target
+        else:  # fewer than two seeds shared: each side's own count
+            own_target = _grown(own, theirs - own, n, first_new)
+            base_target = _grown(theirs, own - theirs, n, first_new)
+        if new := own_target - own:
+            commands.append(_command(v, new))
+        base_missing |= base_target - theirs
     if base_missing:
         commands.insert(0, _command(base, base_missing))
     return commands
+
+
+def _grown(seeds: set, preferred: set, n: int, first_new: int) -> set:
+    """`seeds` grown to `n`: first by the `preferred` ones (lowest first, none of them in `seeds`), then by
+    first_new, first_new + 1, ... (above every seed run)."""
+    candidates = itertools.chain(sorted(preferred), itertools.count(first_new))
+    return seeds | set(itertools.islice(candidates, max(0, n - len(seeds))))
 
 
 def _command(v: Variant, seeds: set) -> str:

@@ -167,9 +167,14 @@ def bootstrap_ci(a: Sequence[float], b: Sequence[float] | None, confidence: floa
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def pooled_sd(var_a: float, n_a: int, var_b: float, n_b: int) -> float:
+    """The sd of two samples pooled, each variance weighted by its degrees of freedom (Cohen's d's)."""
+    return math.sqrt(((n_a - 1) * var_a + (n_b - 1) * var_b) / (n_a + n_b - 2))
+
+
 def effect_size(test: Test, sd: float) -> float:
     """Cohen's d: the difference over the sd it is measured against (paired: d_z, the per-seed
-    differences' sd; Welch: the pooled sd of the two variants)."""
+    differences' sd; Welch: the pooled sd of the two variants, pooled_sd)."""
     return test.diff / sd if math.isfinite(sd) and sd > 0 else math.nan
 
 

@@ -133,8 +133,8 @@ def summarize(runs: list[Run], baseline: str, margin: float = 0.2) -> list[Varia
 
 
 def decide(variants: list[Variant], groups: dict[str, list[Run]], margin: float) -> None:
-    """Every non-baseline row's Decision: Holm over the rows' p (paired where seeds are shared and the per-seed
-    differences vary, else Welch's), TOST within +-margin for equivalence, and for an undecided row the
+    """Every non-baseline row's Decision: Holm over the rows' p (paired where two or more seeds are shared and
+    the per-seed differences vary, else Welch's), TOST within +-margin for equivalence, and for an undecided row the
     seeds that would decide."""
     base = variants[0]
     rows = variants[1:]
@@ -145,20 +145,24 @@ def decide(variants: list[Variant], groups: dict[str, list[Run]], margin: float)
     m = sum(math.isfinite(p) for p in p_holm)
     for v, test, ph, pe, peh in zip(rows, tests, p_holm, p_equiv, p_equiv_holm, strict=True):
         if test is None or not math.isfinite(test.p):
-            sd, boot = math.nan, (math.nan, math.nan)
+            sd = d_sd = math.nan
+            boot = (math.nan, math.nan)
         elif test.kind == "paired":
             own, ref = _shared(v.runs, base.runs, v.name, base.name)
             diffs = np.subtract(own, ref)
-            sd, boot = float(np.std(diffs, ddof=1)), stats.bootstrap_ci(diffs, None)
+            sd = d_sd = float(np.std(diffs, ddof=1))
+            boot = stats.bootstrap_ci(diffs, None)
         else:
-            sd = math.sqrt((np.var(v.top1, ddof=1) + np.var(base.top1, ddof=1)) / 2)
+            var, base_var = np.var(v.top1, ddof=1), np.var(base.top1, ddof=1)
+            sd = math.sqrt((var + base_var) / 2)  # the planned seeds are as many on each side
+            d_sd = stats.pooled_sd(var, len(v.top1), base_var, len(base.top1))
             boot = stats.bootstrap_ci(v.top1, base.top1)
         verdict = stats.verdict(test, ph, peh)
         needed = None
         if verdict == "undecided" and test is not None:
             needed = stats.seeds_needed(test, sd, margin, stats.ALPHA / max(m, 1))  # Bonferroni: Holm's first step
         v.decision = Decision(
-            test, ph, pe, peh, verdict, needed, boot, stats.effect_size(test, sd) if test else math.nan
+            test, ph, pe, peh, verdict, needed, boot, stats.effect_size(test, d_sd) if test else math.nan
         )
 
 
