@@ -42,13 +42,19 @@ def test_a_cpu_without_native_bf16_keeps_fp32_and_gets_channels_last(cpu_without
     assert fast.chosen["channels_last"] == "fp32 convolutions on cpu"
 
 
-def test_a_cuda_device_asks_cuda_for_bf16(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    fast = choose_fast_path(trainer(), torch.device("cuda", 0))
-    assert (fast.precision, fast.channels_last) == ("bf16", True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    fast = choose_fast_path(trainer(), torch.device("cuda", 0))
-    assert (fast.precision, fast.channels_last) == ("fp32", False)  # fp32 NHWC is unmeasured on a GPU
+@pytest.mark.parametrize(
+    "capability, precision, channels_last",
+    [((8, 0), "bf16", True), ((9, 0), "bf16", True), ((7, 5), "fp32", False), ((7, 0), "fp32", False)],
+    ids=["A100", "H100", "T4", "V100"],
+)
+def test_a_cuda_device_gets_bf16_from_ampere_on(monkeypatch, capability, precision, channels_last):
+    """A T4 or V100 runs bf16 emulated (torch.cuda.is_bf16_supported() says yes there too): fp32."""
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    fast = choose_fast_path(trainer(), torch.device("cuda", 1))
+    assert (fast.precision, fast.channels_last) == (precision, channels_last)  # fp32 NHWC is unmeasured on a GPU
+    assert asked == [torch.device("cuda", 1)]  # the run's own GPU, not the current one
 
 
 def test_a_value_given_pins_it(cpu_with_bf16):

@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.restore import evaluated_weights
 from cbam.engine.run import RunContext, train
+from cbam.errors import ConfigError
 from cbam.models import build_model
 
 TINY = [
@@ -187,3 +188,10 @@ ABLATION = OmegaConf.load(ROOT / "conf" / "sweeps" / "ablation.yaml").attention.
 def test_every_ablation_variant_trains_end_to_end(tmp_path, variant):
     summary, _ = run(tmp_path, attention=variant)
     assert summary["variant"] == variant and math.isfinite(summary["final"]["train/loss"])
+
+
+def test_mixup_with_an_odd_batch_size_is_refused_before_anything_is_written(tmp_path):
+    """timm's Mixup pairs each image with the batch's mirror image: an odd batch fails its assert mid-run."""
+    with pytest.raises(ConfigError, match="data.batch_size=31 is odd.*use an even data.batch_size with trainer.mixup"):
+        run(tmp_path, "trainer.mixup.cutmix_alpha=1.0", "data.batch_size=31")
+    assert not (tmp_path / "run0").exists()

@@ -21,6 +21,7 @@ from test_train import FAST, METRICS, rows, run, tree_digest
 from torch import nn
 from wandb_records import read_run
 
+from cbam.engine import loop
 from cbam.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cbam.engine.loop import optimizer_step
 from cbam.engine.records import RunRecords
@@ -215,6 +216,29 @@ def test_skipped_non_finite_steps_are_counted_then_the_run_stops(tmp_path):
     assert result.returncode == 3
     assert result.stderr.count("step skipped") == 3
     assert "trainer.max_nonfinite_steps (now 3)" in result.stderr
+
+
+def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were(tmp_path, monkeypatch, caplog):
+    """Its forward already moved them: a batch with a NaN pixel would leave them NaN, the next checkpoint
+    non-finite, and the run stopped (exit 3) although it was allowed to skip that step."""
+    prepared = []
+    real_prepare = loop._prepare
+
+    def a_nan_in_the_second_batch(x, channels_last):
+        prepared.append(x)
+        if len(prepared) == 2:
+            x = x.clone()
+            x[0, 0, 0, 0] = math.nan
+        return real_prepare(x, channels_last)
+
+    monkeypatch.setattr(loop, "_prepare", a_nan_in_the_second_batch)
+    summary = train_in(tmp_path / "run", "trainer.max_nonfinite_steps=1")
+    assert summary["epochs"] == 1 and caplog.text.count("step skipped") == 1
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    norms = {k: v for k, v in state["model"].items() if k.endswith(("running_mean", "running_var"))}
+    assert norms and all(torch.isfinite(v).all() for v in norms.values())
+    tracked = [v for k, v in state["model"].items() if k.endswith("num_batches_tracked")]
+    assert {int(v) for v in tracked} == {3}  # the skipped batch is not counted either
 
 
 @pytest.mark.parametrize("fp16_scaler", [False, True], ids=["found_inf", "grad-scaler"])

@@ -254,6 +254,14 @@ def test_a_run_resumed_with_other_steps_per_epoch_continues_its_schedule_in_its_
         assert not (tmp_path / "mid").exists()
 
 
+@pytest.mark.parametrize("first, then", [("fp32", "fp16"), ("fp16", "fp32")])
+def test_a_run_resumed_in_another_precision_trains_on(tmp_path, first, then):
+    """trainer.precision is not part of what a run is: fp16's loss scale starts afresh, or is dropped."""
+    train_in(tmp_path / "run", f"trainer.precision={first}")
+    summary = train_in(tmp_path / "run", "resume=auto", "trainer.epochs=2", f"trainer.precision={then}")
+    assert summary["epochs"] == 2 and summary["fast_path"]["precision"] == then
+
+
 def test_another_runs_checkpoint_starts_a_run_of_its_own_and_never_over_one(tmp_path):
     """resume=<another run's checkpoint>: a new run in this dir with its own W&B run (the original's is left
     alone); refused over a dir that holds a run, and for a checkpoint with nothing left to train."""

@@ -51,8 +51,8 @@ def check_precision(precision: str, key: str = "trainer.precision") -> torch.dty
 def native_bf16(device: torch.device) -> bool:
     """bf16 matmuls and convolutions in hardware: CUDA from Ampere on, x86 CPUs with AVX512-BF16 (oneDNN
     then uses it, and AMX where there is one)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not is_bf16_supported(): by default it also says yes where bf16 is emulated
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 

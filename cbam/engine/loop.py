@@ -33,6 +33,25 @@ class StepParts:
     max_nonfinite: int  # steps with a non-finite loss to skip before the run stops
 
 
+class NormStatistics:
+    """The BatchNorm running statistics of `model`, kept from before a step and put back where the step was
+    skipped: its forward has already moved them, and a non-finite batch would leave them NaN for good (the
+    weights are the skipped optimizer step's to keep). On the device, no host sync; only where steps may be
+    skipped (trainer.max_nonfinite_steps > 0), as a first non-finite step otherwise ends the run."""
+
+    def __init__(self, model: nn.Module, enabled: bool):
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)] if enabled else []
+        self.buffers = [b for m in norms for b in m.buffers(recurse=False)]
+        self.kept: list[torch.Tensor] = []
+
+    def keep(self) -> None:
+        self.kept = [b.clone() for b in self.buffers]
+
+    def restore_where(self, skipped: torch.Tensor) -> None:
+        for buffer, kept in zip(self.buffers, self.kept, strict=True):
+            buffer.copy_(torch.where(skipped, kept, buffer))
+
+
 def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -160,6 +179,7 @@ def train_one_epoch(
     sums = torch.tensor([meter.loss_sum, meter.correct, meter.count], dtype=torch.float64, device=device)
     one = torch.ones((), dtype=torch.float64, device=device)
     checks = StepChecks(parts, meter, device, epoch, len(loader), per_rank_loss=state.scaler.is_enabled())
+    norm_statistics = NormStatistics(state.model, enabled=parts.max_nonfinite > 0)
     timing = dict(meter.timing)
     start = time.perf_counter()
     timed_start, timed_images = None, 0
@@ -179,6 +199,7 @@ def train_one_epoch(
         x, y = batch
         x = _prepare(x, parts.channels_last)
         inputs, targets = parts.mixup(x, y) if parts.mixup is not None else (x, y)
+        norm_statistics.keep()
         with torch.autocast(**parts.autocast):
             logits = model(inputs)
             loss = parts.criterion(logits, targets)
@@ -189,6 +210,7 @@ def train_one_epoch(
             state.scaler.unscale_(state.optimizer)
             total_norm = nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip, foreach=True)
         bad = optimizer_step(state, model, loss, total_norm)
+        norm_statistics.restore_where(bad)
         if state.ema is not None:
             state.ema.update(state.model, step=state.global_step)  # a skipped step left the weights unchanged
         n = y.shape[0]

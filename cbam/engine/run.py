@@ -97,6 +97,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be a positive integer")
     if cfg.trainer.log_every_n_steps < 1:
         raise ConfigError(f"trainer.log_every_n_steps={cfg.trainer.log_every_n_steps} must be >= 1")
+    mixup = cfg.trainer.mixup
+    if (mixup.mixup_alpha > 0 or mixup.cutmix_alpha > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is odd, and timm's Mixup mixes a batch with itself reversed, "
+            "in pairs: use an even data.batch_size with trainer.mixup"
+        )
     if cfg.trainer.sync_bn and cfg.trainer.compile is True:
         raise ConfigError(
             "trainer.sync_bn=true with trainer.compile=true: torch.compile breaks its graph at every "

@@ -98,7 +98,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         for group, own in zip(self.optimizer.param_groups, hyperparameters, strict=True):
             group.update(own)
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16: a run resumed in fp16 starts the scale afresh
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
