@@ -12,7 +12,7 @@ from conftest import ROOT, compose_config
 from torch import nn
 
 from cbam.attention import ChannelSpatialAttention
-from cbam.models import build_model, count_params
+from cbam.models import build_model, count_flops, count_params
 
 
 def imagenet_model(model: str, attention: str, *overrides: str) -> nn.Module:
@@ -156,6 +156,34 @@ def test_attention_owns_its_init_inside_a_full_resnet():
         for shape, weights in by_shape.items():
             fan_out = shape[0] * shape[2] * shape[3]
             assert _std_ratio(weights, math.sqrt(2 / fan_out)) == pytest.approx(1, abs=0.1), shape
+
+
+def test_flops_count_the_attention_whichever_path_runs_it():
+    """The CPU kernel is opaque to torch.utils.flop_counter: counting runs the op-by-op path. CBAM on the
+    Fashion-MNIST ResNet-20 adds, per block of width C at H x W, its MLP on two descriptors (2 x 2 x C x C/16
+    multiply-adds) and the 7 x 7 conv from two maps (2 x 49 x H x W), at 2 FLOPs each."""
+    counts = {}
+    for attention in ("none", "cbam", "cbam_official"):
+        cfg = compose_config("train", "data=fashion_mnist", "model=resnet20", f"attention={attention}")
+        counts[attention] = count_flops(build_model(cfg), cfg.data.in_chans, cfg.data.image_size)
+    stages = [(16, 28), (32, 14), (64, 7)]  # width, side: three blocks each
+    added = sum(3 * 2 * (2 * 2 * c * (c // 16) + 2 * 49 * side * side) for c, side in stages)
+    assert counts["cbam"] - counts["none"] == added == 613_116
+    assert counts["cbam_official"] == counts["cbam"]  # its biases and spatial BN are not multiply-adds
+
+
+def test_hooks_on_any_part_of_the_attention_see_it_run():
+    """A hook on a gate's conv or MLP (a profiler's, a user's) fires: the CPU kernel would skip those modules."""
+    cfg = compose_config("train", "data=synthetic", "model=resnet20", "attention=cbam", "model.layers=[1,1,1]")
+    model = build_model(cfg).eval()
+    seen = []
+    attn = model.layer1[0].attn
+    conv, mlp_down = attn.spatial.conv[0], attn.channel.mlp[0]
+    for part in (conv, mlp_down):
+        part.register_forward_hook(lambda module, inputs, output: seen.append(module))
+    with torch.no_grad():
+        model(torch.randn(2, cfg.data.in_chans, 32, 32))
+    assert (seen.count(conv), seen.count(mlp_down)) == (1, 2)  # the shared MLP: once per pooled descriptor
 
 
 def test_model_stats_prints_and_writes_the_paper_counts(tmp_path):

@@ -76,15 +76,22 @@ class ChannelSpatialAttention(nn.Module):
     ) -> tuple[list[int], list[torch.Tensor]] | None:
         """The fused kernel's spec and parameters for input x (and the shortcut), or None where the composite
         path runs."""
-        if not fused.kernel_available() or self._observed():
+        if not fused.kernel_available():
             return None
         found = fused.spec_and_params(self)
-        return found if found is not None and fused.supported(x, found[1], shortcut) else None
+        if found is None or not fused.supported(x, found[1], shortcut) or self._observed():
+            return None
+        return found
 
     def _observed(self) -> bool:
-        """Hooks on the gates (cbam.viz reads Mc and Ms there) see the composite path's modules run."""
-        gates = [g.gate for g in (self.channel, self.spatial) if isinstance(g, ChannelGate | SpatialGate)]
-        return any(g._forward_hooks or g._forward_pre_hooks for g in gates)
+        """Something watches the ops, which the kernel would hide: hooks on any of the module's parts (cbam.viz
+        reads Mc and Ms at the gates; hook-based profilers count convolutions and linears), or a dispatch mode
+        (torch.utils.flop_counter, which counts the composite path's FLOPs and sees none in the kernel). A
+        compiled graph is traced once, without either: the check is left out of it."""
+        if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0:
+            return True
+        parts = [m for m in self.modules() if m is not self]
+        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in parts)
 
     def composite(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """Op by op, the gates as PyTorch modules (then the sum with the shortcut and the relu, where one is
