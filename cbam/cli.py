@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from traceback import format_exc
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -46,6 +47,12 @@ def entry_point(fn):
             e.report(log)
             if isinstance(e, Preempted) or HydraConfig.get().mode != RunMode.MULTIRUN or launched_world_size() > 1:
                 sys.exit(e.exit_code)
+            failed = e
+        except Exception as e:  # a crash (out of memory, a bug): Hydra runs the other jobs of a multirun all the same
+            if HydraConfig.get().mode != RunMode.MULTIRUN or launched_world_size() > 1:
+                raise
+            # its traceback now, as text: a log record holding the exception would hold its frames too
+            log.error("the job crashed; the multirun goes on, and ends with this error\n%s", format_exc().rstrip())
             failed = e
         # Hydra keeps a failed job's exception until every job has run: without its traceback, whose frames
         # hold the job's model, optimizer and in-memory dataset, so that those are freed for the next job.

@@ -263,8 +263,14 @@ def test_a_run_another_process_holds_is_left_to_it_and_the_multirun_goes_on(tmp_
     assert not held.exists() and not (sweep / "1-resnet20-cbam-s1" / "train.lock").exists()
 
 
-def test_a_failed_multirun_job_frees_what_its_frames_held(monkeypatch):
-    """Hydra keeps each failed job's exception until the multirun ends; the job's model must not live on in it."""
+@pytest.mark.parametrize(
+    "error",
+    [Diverged("non-finite loss at epoch 0"), torch.OutOfMemoryError("CUDA out of memory")],
+    ids=["diverged", "crash"],
+)
+def test_a_failed_multirun_job_frees_what_its_frames_held(monkeypatch, caplog, error):
+    """Hydra keeps each failed job's exception until the multirun ends; the job's model must not live on in
+    it (the next job would start with its memory taken). A crash's traceback is logged when it happens."""
 
     class Model:
         pass
@@ -275,13 +281,15 @@ def test_a_failed_multirun_job_frees_what_its_frames_held(monkeypatch):
     def job():
         model = Model()
         held.append(weakref.ref(model))
-        raise Diverged("non-finite loss at epoch 0")
+        raise error
 
     multirun = SimpleNamespace(get=lambda: SimpleNamespace(mode=RunMode.MULTIRUN))
     monkeypatch.setattr(cli, "HydraConfig", multirun)
-    with pytest.raises(Diverged, match="non-finite loss"):  # raised for Hydra to record, not an exit
+    with pytest.raises(type(error)):  # raised for Hydra to record, not an exit
         job()
     assert held[0]() is None
+    if not isinstance(error, Diverged):
+        assert "the job crashed" in caplog.text and "Traceback" in caplog.text and "raise error" in caplog.text
 
 
 # ---- bad input ----
