@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
-PY=${PYTHON:-python}
+# the project's venv (make install) where there is one: a bare `python` may lack the package
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 export WANDB_MODE=offline WANDB_DIR="$WORK" WANDB_SILENT=true HYDRA_FULL_ERROR=1
 SUMMARY="$WORK/summary.md"
@@ -95,12 +96,14 @@ import cbam  # noqa: F401  the config resolvers
 from cbam.engine.run import RunContext, train
 
 device, work, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-overrides = [o for o in overrides if not o.startswith(("data.source.train_size", "trainer.log_every"))]
+overrides = [o for o in overrides if not o.startswith(("data.source.train_size", "trainer.log_every", "trainer.epochs"))]
 counts, batch = {}, None
 for size in (4096, 8192) if device == "cuda" else (64, 128):
     with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
+        # one epoch: the steps counted below are one epoch's
         cfg = compose("train", ["logger=none", *overrides, f"data.source.train_size={size}", f"trainer.device={device}",
-                                "trainer.log_every_n_steps=100000", "trainer.compile=false", "attention=cbam"])
+                                "trainer.log_every_n_steps=100000", "trainer.compile=false", "attention=cbam",
+                                "trainer.epochs=1"])
     batch = cfg.data.batch_size
     choices = {"attention": "cbam", "model": "resnet20", "data": "synthetic"}
     with warnings.catch_warnings(record=True) as caught:
