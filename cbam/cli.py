@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbam.engine.distributed import launched_rank, launched_world_size
 from cbam.engine.run import RunContext, train, variant_label
-from cbam.errors import EXIT_BAD_INPUT, CbamError, Preempted
+from cbam.errors import EXIT_BAD_INPUT, CbamError, ConfigError, Preempted
 
 log = logging.getLogger("cbam")
 
@@ -60,6 +60,20 @@ def entry_point(fn):
         raise failed
 
     return wrapper
+
+
+def attention_presets(selection) -> list[str]:
+    """The presets a script's `variants=` names, `none` (the baseline of every ratio) first: null for every
+    preset in conf/attention/, a list, or one comma-separated string (`variants=cbam` is a string to Hydra);
+    a ConfigError naming those that are not presets. Inside a Hydra app (its config search path)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    known = GlobalHydra.instance().config_loader().get_group_options("attention")
+    names = known if selection is None else selection.split(",") if isinstance(selection, str) else list(selection)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"variants: {', '.join(unknown)} not in conf/attention/ (there: {', '.join(sorted(known))})")
+    return list(dict.fromkeys(["none", *sorted(names)]))
 
 
 def _one_line(e: Exception) -> str:

@@ -40,13 +40,12 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra import compose
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cbam.attention import ChannelSpatialAttention
-from cbam.cli import entry_point, run_hydra
+from cbam.cli import attention_presets, entry_point, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
 from cbam.engine.device import PRECISIONS, autocast_kwargs, choose_fast_path, cpu_name, resolve_device
@@ -648,13 +647,7 @@ def csv_rows(rows: list[dict]) -> list[dict]:
     return [{c: (v.median if isinstance(v, Ratio) else v) for c, v in row.items()} for row in rows]
 
 
-def variant_names(cfg: DictConfig) -> list[str]:
-    if cfg.variants is None:  # every preset, as model_stats.py
-        return sorted(GlobalHydra.instance().config_loader().get_group_options("attention"))
-    return cfg.variants.split(",") if isinstance(cfg.variants, str) else list(cfg.variants)
-
-
-def validate(cfg: DictConfig, names: list[str], device: torch.device) -> list[Mode]:
+def validate(cfg: DictConfig, device: torch.device) -> list[Mode]:
     """The modes to run; ConfigError on bad input."""
     for key in ("batch_size", "steps", "repeats"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
@@ -669,22 +662,18 @@ def validate(cfg: DictConfig, names: list[str], device: torch.device) -> list[Mo
     modes = list({m.name: m for m in (parse_mode(t, device) for t in texts)}.values())
     if any(m.compile for m in modes) and cfg.warmup < 1:
         raise ConfigError("a +compile mode needs warmup >= 1, so that compilation happens outside the timed steps")
-    known = GlobalHydra.instance().config_loader().get_group_options("attention")
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(f"variants: {', '.join(unknown)} not in conf/attention/ (there: {', '.join(sorted(known))})")
     return modes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 @entry_point
 def main(cfg: DictConfig) -> None:
-    names = list(dict.fromkeys(["none", *variant_names(cfg)]))  # the baseline first: every ratio needs it
+    names = attention_presets(cfg.variants)
     try:
         device = resolve_device(cfg.device)
     except ConfigError:
         raise ConfigError(f"device={cfg.device} is unknown or not available here: use auto, cpu or cuda") from None
-    modes = validate(cfg, names, device)
+    modes = validate(cfg, device)
     benches = [make_bench(cfg, mode, device) for mode in modes]
     if any(m.compile for m in modes):
         allow_recompiles(len(names) * len(modes) + len(modes))  # the variants' models and the step section's

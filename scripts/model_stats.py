@@ -9,22 +9,14 @@ Overrides of attention.* apply to every row; Markdown goes to stdout.
 
 import hydra
 from hydra import compose
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cbam.cli import entry_point, run_hydra
+from cbam.cli import attention_presets, entry_point, run_hydra
 from cbam.models import build_model, count_flops, count_params
 from cbam.report.render import markdown_table, write_csv
 
 COLUMNS = ["attention", "params", "params vs none", "GFLOPs", "GFLOPs vs none"]
-
-
-def variant_names(cfg: DictConfig) -> list[str]:
-    if cfg.variants is not None:
-        return list(cfg.variants)
-    names = GlobalHydra.instance().config_loader().get_group_options("attention")
-    return sorted(names, key=lambda n: (n != "none", n))  # the baseline first
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="model_stats")
@@ -36,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     base_params = count_params(base_model)
     base_flops = count_flops(base_model, cfg.data.in_chans, cfg.data.image_size)
     rows = []
-    for name in variant_names(cfg):
+    for name in attention_presets(cfg.variants):
         model = build_model(compose("model_stats", overrides=[*overrides, f"attention={name}"]))
         params, flops = count_params(model), count_flops(model, cfg.data.in_chans, cfg.data.image_size)
         rows.append(

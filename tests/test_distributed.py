@@ -25,7 +25,7 @@ from cbam.engine.eval_checkpoint import evaluate_checkpoint
 from cbam.engine.loop import StepChecks, StepParts
 from cbam.engine.records import RunRecords
 from cbam.engine.state import EpochMeter
-from cbam.errors import Diverged
+from cbam.errors import ConfigError, Diverged
 
 # 256 images, 8 steps an epoch: 2 processes x 16 against 1 x 32. A gentle lr: at the default 0.1 these
 # nets, still at chance, blow float32 rounding up to 1e-4 in 16 steps and hide what is compared.
@@ -317,6 +317,9 @@ def test_parallel_jobs_of_a_multirun_spread_over_the_gpus(monkeypatch):
     assert [resolve_device("auto", job=j) for j in range(6)] == [torch.device("cuda", j % 4) for j in range(6)]
     assert resolve_device("cuda", job=None) == torch.device("cuda")  # a single run: the current GPU
     assert resolve_device("cuda:2", job=5) == torch.device("cuda", 2)  # a device given is kept
+    for missing in ("cuda:4", "cuda:x", "cuda:-1"):  # one line, not a failure at the first tensor moved there
+        with pytest.raises(ConfigError, match=f"trainer.device='{missing}': this node has GPUs cuda:0 to cuda:3"):
+            resolve_device(missing)
     monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "localhost"), monkeypatch.setenv("MASTER_PORT", "29500")
     assert resolve_device("auto", job=3) == torch.device("cuda", 1)  # under torchrun: the process's own GPU

@@ -8,10 +8,13 @@ import sys
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, compose_config
+from conftest import CONF, ROOT, compose_config
+from hydra import initialize_config_dir
 from torch import nn
 
 from cbam.attention import ChannelSpatialAttention
+from cbam.cli import attention_presets
+from cbam.errors import ConfigError
 from cbam.models import build_model, count_flops, count_params
 
 
@@ -184,6 +187,17 @@ def test_hooks_on_any_part_of_the_attention_see_it_run():
     with torch.no_grad():
         model(torch.randn(2, cfg.data.in_chans, 32, 32))
     assert (seen.count(conv), seen.count(mlp_down)) == (1, 2)  # the shared MLP: once per pooled descriptor
+
+
+def test_the_scripts_variants_are_a_list_a_comma_separated_string_or_every_preset():
+    """model_stats.py and benchmark.py: `variants=cbam` reaches them as a string, not a list of letters."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert attention_presets("cbam") == attention_presets(["cbam"]) == ["none", "cbam"]
+        assert attention_presets("cbam_parallel,none,cbam") == ["none", "cbam", "cbam_parallel"]
+        every = attention_presets(None)
+        assert every[0] == "none" and sorted(every) == sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
+        with pytest.raises(ConfigError, match="variants: nope not in conf/attention/ \\(there: cbam, "):
+            attention_presets("cbam,nope")
 
 
 def test_model_stats_prints_and_writes_the_paper_counts(tmp_path):

@@ -28,6 +28,12 @@ def resolve_device(name: str, job: int | None = None) -> torch.device:
         raise ConfigError(f"trainer.device={name} but CUDA is not available here: use trainer.device=auto or cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise ConfigError(f"trainer.device={name!r} is unknown: use auto, cpu or cuda")
+    if name.startswith("cuda:"):
+        index, count = name.removeprefix("cuda:"), torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise ConfigError(
+                f"trainer.device={name!r}: this node has GPUs cuda:0 to cuda:{count - 1}; use one of them or cuda"
+            )
     if name == "cuda" and dist.launched_by_torchrun():
         return torch.device("cuda", dist.local_rank())
     if name == "cuda" and job is not None:
