@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import hydra
 import torch
@@ -45,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cbam.attention import ChannelSpatialAttention
-from cbam.cli import attention_presets, entry_point, run_hydra
+from cbam.cli import attention_presets, entry_point, output_dir, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
 from cbam.engine.device import PRECISIONS, autocast_kwargs, choose_fast_path, cpu_name, resolve_device
@@ -674,6 +673,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError:
         raise ConfigError(f"device={cfg.device} is unknown or not available here: use auto, cpu or cuda") from None
     modes = validate(cfg, device)
+    out = output_dir(cfg.csv, "csv") if cfg.csv else None  # before the minutes of measuring
     benches = [make_bench(cfg, mode, device) for mode in modes]
     if any(m.compile for m in modes):
         allow_recompiles(len(names) * len(modes) + len(modes))  # the variants' models and the step section's
@@ -739,8 +739,7 @@ def main(cfg: DictConfig) -> None:
     print("\nTargets:\n")
     print("\n".join(f"- {line}" for line in targets(benches, train_rates, step_rows, loader_rows)))
 
-    if cfg.csv:
-        out = Path(cfg.csv)
+    if out is not None:
         write_csv(out / "variants.csv", csv_rows(variant_rows), VARIANT_COLUMNS)
         write_csv(out / "step.csv", csv_rows(step_rows), STEP_COLUMNS)
         if loader_rows:

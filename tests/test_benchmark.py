@@ -96,6 +96,8 @@ def test_csv_has_the_tables_numbers(report):
     "args, message",
     [
         (["modes=[fp32+fast]"], "modes: 'fp32+fast' is not a mode: use <fp32|bf16|fp16|auto>[+cl][+compile]"),
+        # refused before the minutes of measuring, not after them
+        ([f"csv={ROOT / 'README.md'}"], f"cannot write to {ROOT / 'README.md'} (File exists: "),
         pytest.param(["modes=[fp32+compile]", "warmup=0"], "a +compile mode needs warmup >= 1", marks=pytest.mark.slow),
     ],
 )

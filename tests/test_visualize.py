@@ -312,6 +312,15 @@ def test_checkpoints_of_different_data_are_refused(checkpoints, tmp_path):
         visualize_checkpoints(cfg)
 
 
+def test_an_output_that_cannot_be_written_is_one_clear_error(checkpoints, tmp_path):
+    taken = tmp_path / "figures"
+    taken.write_text("a file, not a dir")
+    cfg = compose_config("visualize", f"checkpoint={checkpoints['cbam']}", f"output={taken}")
+    with pytest.raises(ConfigError, match=f"cannot write to {taken} \\(File exists: .*pass output=DIR somewhere"):
+        visualize_checkpoints(cfg)
+    assert taken.read_text() == "a file, not a dir"
+
+
 def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
     result = run_script(f"checkpoint={tmp_path / 'nope.pt'}", cwd=tmp_path)
     assert result.returncode == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from cbam.cli import output_dir
 from cbam.data import Loader
 from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.device import resolve_device
@@ -174,7 +175,7 @@ def visualize_checkpoints(cfg: DictConfig) -> dict[str, Path]:
             shown = (images, labels)
         log.info("%s: %s done", title, path)
 
-    out = Path(cfg.output) if cfg.output is not None else RunRecords(paths[0].parent).viz
+    out = output_dir(cfg.output if cfg.output is not None else RunRecords(paths[0].parent).viz, "output")
     written = write_figures(panels, *shown, class_names, out, target=cfg.target)
     for p in written.values():
         print(p)
