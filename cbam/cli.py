@@ -76,19 +76,6 @@ def attention_presets(selection) -> list[str]:
     return list(dict.fromkeys(["none", *sorted(names)]))
 
 
-def output_dir(path: str | Path, option: str) -> Path:
-    """`path`, made with its parents, for a script to write its output into; a ConfigError naming `option`
-    where it cannot be written (a file of that name, no permission, a read-only filesystem)."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        reason = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        raise ConfigError(f"cannot write to {path} ({reason}): pass {option}=DIR somewhere writable") from e
-    return path
-
-
 def _one_line(e: Exception) -> str:
     """Hydra's multi-line composition message as one line: "Could not find 'attention/nope'", then the
     options it lists, comma-separated."""

@@ -44,12 +44,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cbam.attention import ChannelSpatialAttention
-from cbam.cli import attention_presets, entry_point, output_dir, run_hydra
+from cbam.cli import attention_presets, entry_point, run_hydra
 from cbam.data.build import load_source, make_loaders
 from cbam.data.sources import DataError
 from cbam.engine.device import PRECISIONS, autocast_kwargs, choose_fast_path, cpu_name, resolve_device
 from cbam.engine.loop import StepParts, train_one_epoch
 from cbam.engine.optim import build_optimizer
+from cbam.engine.records import output_dir
 from cbam.engine.state import EpochMeter, TrainState
 from cbam.errors import ConfigError, instantiate_config
 from cbam.models import build_model

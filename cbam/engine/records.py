@@ -101,6 +101,19 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2) + "\n")
 
 
+def output_dir(path: str | Path, option: str) -> Path:
+    """`path`, made with its parents, for a script to write its output into; a ConfigError naming `option`
+    where it cannot be written (a file of that name, no permission, a read-only filesystem)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        reason = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise ConfigError(f"cannot write to {path} ({reason}): pass {option}=DIR somewhere writable") from e
+    return path
+
+
 # train.lock's holder line, as RunRecords._lock writes it.
 _HOLDER = re.compile(r"pid (?P<pid>\d+) on (?P<host>\S+) since .+")
 

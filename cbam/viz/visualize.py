@@ -8,11 +8,10 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from cbam.cli import output_dir
 from cbam.data import Loader
 from cbam.engine.checkpoint import load_checkpoint
 from cbam.engine.device import resolve_device
-from cbam.engine.records import RunRecords
+from cbam.engine.records import RunRecords, output_dir
 from cbam.engine.restore import restore_run, run_config
 from cbam.engine.run import FinishedRun
 from cbam.errors import ConfigError
