@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from traceback import format_exc
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
@@ -66,8 +67,6 @@ def attention_presets(selection) -> list[str]:
     """The presets a script's `variants=` names, `none` (the baseline of every ratio) first: null for every
     preset in conf/attention/, a list, or one comma-separated string (`variants=cbam` is a string to Hydra);
     a ConfigError naming those that are not presets. Inside a Hydra app (its config search path)."""
-    from hydra.core.global_hydra import GlobalHydra
-
     known = GlobalHydra.instance().config_loader().get_group_options("attention")
     names = known if selection is None else selection.split(",") if isinstance(selection, str) else list(selection)
     unknown = [n for n in names if n not in known]
