@@ -111,3 +111,21 @@ def test_the_comparison_reads_records_without_importing_torch():
     code = "import sys, cbam.report, cbam.engine.records; print(sorted({'torch', 'timm'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_default_training_run_starts_without_timm(tmp_path):
+    """timm loads its whole model zoo on import, about a second of every start; only the recipes that use its
+    mixup, EMA or weight-decay grouping import it."""
+    result = subprocess.run(
+        [
+            sys.executable, "-X", "importtime", str(ROOT / "train.py"), "data=synthetic", "data.source.train_size=64",
+            "data.source.val_size=64", "data.batch_size=32", "trainer.epochs=1", "trainer.device=cpu", "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    timings = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip() for line in timings}
+    assert {"torch", "torchvision"} <= imported and "timm" not in imported
+    assert (tmp_path / "summary.json").exists()

@@ -8,7 +8,6 @@ import math
 import warnings
 
 from omegaconf import DictConfig
-from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
@@ -19,7 +18,10 @@ from cbam.errors import ConfigError, instantiate_config
 def build_optimizer(optim_cfg: DictConfig, model: nn.Module) -> Optimizer:
     weight_decay = optim_cfg.optimizer.weight_decay
     if optim_cfg.no_decay_norm_and_bias:
-        # timm's grouping: 1-D parameters (norm weights, biases) get no weight decay.
+        # timm's grouping: 1-D parameters (norm weights, biases) get no weight decay. Imported here: timm loads
+        # its model zoo on import (~1 s of every start), and the default SGD recipe does not group.
+        from timm.optim import param_groups_weight_decay
+
         params = param_groups_weight_decay(model, weight_decay)
     else:
         params = model.parameters()

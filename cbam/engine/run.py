@@ -16,9 +16,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from cbam.data import Loader, build_loaders
@@ -343,23 +340,27 @@ def build_state(cfg: DictConfig, device: torch.device, *, steps_per_epoch: int, 
         optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.trainer.epochs
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
-    ema = (
-        construct("trainer.ema_decay", ModelEmaV3, model, decay=cfg.trainer.ema_decay)
-        if cfg.trainer.ema_decay
-        else None
-    )
+    ema = None
+    if cfg.trainer.ema_decay:
+        from timm.utils import ModelEmaV3  # timm loads its model zoo on import (~1 s): only for the recipes that use it
+
+        ema = construct("trainer.ema_decay", ModelEmaV3, model, decay=cfg.trainer.ema_decay)
     return TrainState(model, optimizer, scheduler, scaler, ema, config=resolved, steps_per_epoch=steps_per_epoch), cost
 
 
 def step_parts(cfg: DictConfig, state: TrainState, device: torch.device) -> StepParts:
     """How this run's steps run: the model wrapped for DDP and compile, the loss, the numerics."""
     mixup = None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     if cfg.trainer.mixup.mixup_alpha > 0 or cfg.trainer.mixup.cutmix_alpha > 0:
+        from timm.data import Mixup  # as ModelEmaV3 in build_state: timm only where a recipe uses it
+        from timm.loss import SoftTargetCrossEntropy
+
         mixup = construct(
             "trainer.mixup", Mixup, **cfg.trainer.mixup, label_smoothing=cfg.optim.label_smoothing,
             num_classes=cfg.data.num_classes,
         )  # fmt: skip
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        criterion = SoftTargetCrossEntropy()
     step_model = state.model
     if dist.is_distributed():
         step_model = nn.parallel.DistributedDataParallel(
