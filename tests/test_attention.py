@@ -145,13 +145,28 @@ def test_variant_matches_reference(variant, training):
     """Forward and every gradient (input and parameters) against autograd through the reference: the
     pools' backward rests on choices made for speed (the channel max keeping its argmax, the spatial max's
     own backward, means as sum x 1/n)."""
+    assert_matches_the_reference(variant, 32, training)
+
+
+@pytest.mark.parametrize("variant", ["cbam", "cbam_parallel", "se"])
+def test_a_wide_channel_mlp_matches_the_reference(variant):
+    """ResNet-50's last stage gives the channel MLP 2048 channels and 128 hidden units, which the kernel runs a
+    vector at a time; the 32-channel tests (2 hidden units) never fill one. 400 channels, 25 hidden units:
+    whole vectors and a remainder at any vector width, in float64 and in float32 NHWC."""
+    assert make(variant, 400).channel.mlp[0].out_channels == 25
+    module = assert_matches_the_reference(variant, 400, True)
+    assert module.kernel_args(torch.randn(1, 400, 2, 2, dtype=torch.float64)) is not None  # the kernel ran
+    assert_matches_the_float64_reference(variant, 400, torch.float32, True, False)
+
+
+def assert_matches_the_reference(variant: str, channels: int, training: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    module = make(variant, 32).train(training)
+    module = make(variant, channels).train(training)
     sd = randomize(module)
     params = dict(module.named_parameters())
     for name in params:
         sd[name].requires_grad_()
-    x = torch.randn(4, 32, 9, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, channels, 9, 7, dtype=torch.float64, requires_grad=True)
     out, expected = module(x), reference(variant, x, sd, training)
     torch.testing.assert_close(out, expected)
     upstream = torch.randn_like(out)
@@ -159,6 +174,7 @@ def test_variant_matches_reference(variant, training):
     want = torch.autograd.grad(expected, [x, *(sd[n] for n in params)], upstream)
     for name, g, w in zip(["input", *params], got, want, strict=True):
         torch.testing.assert_close(g, w, msg=name)
+    return module
 
 
 def test_original_matches_timm_cbam_module():

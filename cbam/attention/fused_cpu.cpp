@@ -460,7 +460,8 @@ template <typename T> struct LineAligned {
 
 // Per-thread scratch, kept between calls (grown, never shrunk): allocating it per call cost page faults.
 template <typename Acc> struct Scratch {
-  std::vector<Acc, LineAligned<Acc>> x, g, d, padded, dpadded, wide, flipped, vec_c, vec_p, vec_p2, dmaps, dv, logit;
+  std::vector<Acc, LineAligned<Acc>> x, g, d, padded, dpadded, wide, flipped, vec_c, vec_p, vec_p2, dmaps, dv, logit,
+      hidden;
   std::vector<int> ties;
   static Scratch& for_this_thread(const Spec& s) {
     static thread_local Scratch t;
@@ -473,6 +474,7 @@ template <typename Acc> struct Scratch {
     t.flipped.resize((long)s.kernel * s.kernel);
     t.vec_c.resize(s.C); t.vec_p.resize(s.P()); t.vec_p2.resize(s.P());
     t.dmaps.resize((long)2 * s.P()); t.dv.resize((long)2 * s.C); t.logit.resize(s.C > s.P() ? s.C : s.P());
+    t.hidden.resize(s.hidden);
     t.ties.resize(s.P());
     return t;
   }
@@ -510,12 +512,9 @@ void channel_mlp(const Params<Acc>& w, Saved<Acc>& sv, Scratch<Acc>& t, const Sp
       Acc a = w.b1[m] ? w.b1[m][j] : Acc(0);
       pre[j] = a + sum_of(w.w1[m] + (long)j * C, pool, C);
     }
-    for (int c = 0; c < C; ++c) {
-      Acc a = w.b2[m] ? w.b2[m][c] : Acc(0);
-      const Acc* wr = w.w2[m] + (long)c * h;
-      for (int j = 0; j < h; ++j) a += wr[j] * (pre[j] > 0 ? pre[j] : Acc(0));
-      logit[c] += a;
-    }
+    Acc* relu = t.hidden.data();
+    for (int j = 0; j < h; ++j) relu[j] = pre[j] > 0 ? pre[j] : Acc(0);
+    for (int c = 0; c < C; ++c) logit[c] += (w.b2[m] ? w.b2[m][c] : Acc(0)) + sum_of(w.w2[m] + (long)c * h, relu, h);
   }
   for (int c = 0; c < C; ++c) sv.mc[c] = logit[c];
   sigmoid_all(sv.mc, C);
@@ -535,14 +534,21 @@ void channel_backward_mlp(const Acc* d_mc, const Params<Acc>& w, const Saved<Acc
     Acc* dpool = t.dv.data() + (long)k * C;
     if (grads.b2[m]) for (int c = 0; c < C; ++c) grads.b2[m][c] += dlogit[c];
     for (int c = 0; c < C; ++c) dpool[c] = 0;
-    for (int j = 0; j < h; ++j) {
-      Acc relu = pre[j] > 0 ? pre[j] : Acc(0);
-      Acc dh = 0;
-      for (int c = 0; c < C; ++c) {
-        grads.w2[m][(long)c * h + j] += dlogit[c] * relu;
-        dh += w.w2[m][(long)c * h + j] * dlogit[c];
+    // Row by row of w2 (C, h): contiguous, so it vectorises over j, where a column walk read a cache line
+    // per element. Each dh[j] still sums over c in order: the same bits.
+    Acc* dh = t.hidden.data();
+    for (int j = 0; j < h; ++j) dh[j] = 0;
+    for (int c = 0; c < C; ++c) {
+      const Acc dl = dlogit[c];
+      const Acc* wr = w.w2[m] + (long)c * h;
+      Acc* gr = grads.w2[m] + (long)c * h;
+      for (int j = 0; j < h; ++j) {
+        gr[j] += dl * (pre[j] > 0 ? pre[j] : Acc(0));
+        dh[j] += wr[j] * dl;
       }
-      Acc dpre = pre[j] > 0 ? dh : Acc(0);
+    }
+    for (int j = 0; j < h; ++j) {
+      Acc dpre = pre[j] > 0 ? dh[j] : Acc(0);
       if (grads.b1[m]) grads.b1[m][j] += dpre;
       const Acc* wr = w.w1[m] + (long)j * C;
       Acc* gr = grads.w1[m] + (long)j * C;
