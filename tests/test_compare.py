@@ -492,6 +492,7 @@ def test_verdicts_and_the_command_that_decides_an_undecided_row(tmp_path):
     base = [90.0, 90.4, 89.8, 90.2, 90.1]
     rows = {
         "better": [b + 1.0 + e for b, e in zip(base, [0.05, -0.04, 0.02, 0.0, -0.03], strict=True)],
+        "slightly_better": [b + 0.1 + e for b, e in zip(base, [0.01, -0.01, 0.0, 0.01, -0.01], strict=True)],
         "same": [b + e for b, e in zip(base, [0.02, -0.03, 0.01, 0.0, -0.01], strict=True)],
         "unclear": [b + e for b, e in zip(base, [0.5, -0.3, 0.6, -0.1, 0.2], strict=True)],
     }
@@ -500,6 +501,10 @@ def test_verdicts_and_the_command_that_decides_an_undecided_row(tmp_path):
     variants = {v.name: v for v in summarize(runs, "none", margin=0.2)}
     assert variants["better"].decision.verdict == "better"
     assert variants["same"].decision.verdict == "equivalent"
+    # Better, and by less than the margin: the CSV says better, the table both.
+    assert variants["slightly_better"].decision.verdict == "better"
+    assert markdown_row(variants["slightly_better"], 0.2)["verdict"] == "better, within ±0.2"
+    assert markdown_row(variants["better"], 0.2)["verdict"] == "better"
     unclear = variants["unclear"].decision
     assert unclear.verdict == "undecided" and unclear.seeds_needed > 5
     ps = [variants[v].paired.p for v in rows]

@@ -40,15 +40,16 @@ BN_ACCURACY = (
     "val top-1 (summary.json), which the diagnostic would not change."
 )
 NOTE = (
-    "{accuracy} Mean ± sample std over seeds. Δ vs baseline: difference of the means, with "
-    "Welch's 95% confidence interval and p (unequal variances). Δ paired: the mean of the per-seed differences "
-    "over the seeds both share, with its t interval and p (paired t-test); same seed, same data order and "
-    "augmentation. p (Holm): the paired p (else Welch's), Holm-adjusted over the table's rows. verdict: better "
-    "or worse at p (Holm) < 0.05, equivalent when two one-sided tests (Holm-adjusted) put the difference within "
-    "±{margin:g} points, else undecided, with the seeds per variant that would decide at the observed variance "
-    "(power 0.8). bootstrap 95% CI: BCa bootstrap of the same difference, a check without the normal assumption "
-    "(n/a below 5 seeds). d: Cohen's d of the difference (d_z when paired). n/a where a side has one run or no "
-    "spread. train img/s: mean training throughput, and its ratio to the baseline's."
+    "{accuracy} Mean ± sample std over seeds. Δ vs baseline: difference of the means, with Welch's 95% "
+    "confidence interval and p (unequal variances). Δ paired: the mean of the per-seed differences over the "
+    "seeds both share, with its t interval and p (paired t-test); same seed, same data order and "
+    "augmentation. p (Holm): the paired p (else Welch's), Holm-adjusted over the table's rows. verdict: "
+    "better or worse at p (Holm) < 0.05, equivalent when two one-sided tests (Holm-adjusted) put the "
+    "difference within ±{margin:g} points (a row both better or worse and within them says so), else "
+    "undecided, with the seeds per variant that would decide at the observed variance (power 0.8). bootstrap "
+    "95% CI: BCa bootstrap of the same difference, a check without the normal assumption (n/a below 5 seeds). "
+    "d: Cohen's d of the difference (d_z when paired). n/a where a side has one run or no spread. train "
+    "img/s: mean training throughput, and its ratio to the baseline's."
 )
 FAIR = (
     "None: the runs' resolved configs differ only in the attention config and the seed "
