@@ -350,12 +350,13 @@ def variant_section(cfg: DictConfig, benches: list[Bench], names: list[str]) -> 
     return rows, train_rates
 
 
-def step_section(cfg: DictConfig, benches: list[Bench]) -> list[dict]:
+def step_section(cfg: DictConfig, benches: list[Bench]) -> tuple[list[dict], dict[str, list[float]]]:
     """Our step (train_one_epoch with real StepParts) against the bare loop, in each mode: one model,
-    optimizer and batch, alternating (ours first in even repeats, bare first in odd ones) `repeats` times."""
+    optimizer and batch, alternating (ours first in even repeats, bare first in odd ones) `repeats` times.
+    Returns the rows and each mode's bare-loop img/s per repeat."""
     # grad_clip, log_every_n_steps and max_nonfinite_steps as train.py uses them by default
     trainer = compose("trainer/default").trainer
-    rows = []
+    rows, bare_rates = [], {}
     for bench in benches:
         trainee = build_trainee(cfg, bench, total_steps=cfg.repeats * 2 * (cfg.warmup + cfg.steps))
         model = maybe_compile(trainee.model, bench.mode.compile)
@@ -396,12 +397,15 @@ def step_section(cfg: DictConfig, benches: list[Bench]) -> list[dict]:
                 "ours / bare": Ratio.of(rates["ours"], rates["bare"]),
             }
         )
-    return rows
+        bare_rates[bench.mode.name] = rates["bare"]
+    return rows, bare_rates
 
 
-def loader_section(cfg: DictConfig, bench: Bench, model_rate: float) -> tuple[list[dict], list[str]]:
+def loader_section(cfg: DictConfig, bench: Bench, model_rates: list[float]) -> tuple[list[dict], list[str]]:
     """img/s of the train loaders over `loader_batches` batches of an epoch, in turn `repeats` times, and
-    each as a multiple of the model's train img/s. Returns the rows and notes (what was skipped)."""
+    each as a multiple of the model's train img/s (repeat r's loader over the model's repeat r: the two are
+    not interleaved, so the range holds the drift between the sections too). Returns the rows and notes (what
+    was skipped)."""
     try:
         data = load_source(cfg.data)
     except DataError as e:
@@ -440,7 +444,7 @@ def loader_section(cfg: DictConfig, bench: Bench, model_rate: float) -> tuple[li
                 "workers": workers if kind == "torch" else "n/a",
                 "batches": n[kind, workers],
                 "img/s": rate,
-                "x model train img/s": rate / model_rate,
+                "x model train img/s": Ratio.of(values, model_rates),
             }
         )
     return rows, notes
@@ -609,9 +613,9 @@ def targets(benches: list[Bench], train_rates: dict, steps: list[dict], loaders:
     if memory is None:
         lines.append(f"{what}: n/a here (loader section skipped)")
     elif device.type != "cpu":
-        lines.append(f"{what}: n/a here (not a CPU; measured {memory:.1f}x)")
+        lines.append(f"{what}: n/a here (not a CPU; measured {memory})")
     else:
-        lines.append(f"{what}: {memory:.1f}x {'✓' if memory >= LOADER_TARGET else '✗'}")
+        lines.append(f"{what}: {memory.verdict(LOADER_TARGET)}")
     return lines
 
 
@@ -634,7 +638,7 @@ def formatted(rows: list[dict]) -> list[dict]:
             return str(value)
         if not isinstance(value, float):
             return str(value)
-        if "x model" in column or "passes" in column:
+        if "passes" in column:
             return f"{value:.1f}x"
         if "ms" in column.split():
             return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
@@ -683,12 +687,12 @@ def main(cfg: DictConfig) -> None:
     log.info("section 1/4: %d variants x %d modes, %d repeats", len(names), len(modes), cfg.repeats)
     variant_rows, train_rates = variant_section(cfg, benches, names)
     log.info("section 2/4: our step vs the bare loop (%s + %s)", model_name, attention)
-    step_rows = step_section(cfg, benches)
+    step_rows, bare_rates = step_section(cfg, benches)
     model_rate = step_rows[0]["bare loop img/s"]
     loader_rows, loader_notes = [], ["Loader section skipped (loader=false)."]
     if cfg.loader:
         log.info("section 3/4: loaders on %s's train split", cfg.data.name)
-        loader_rows, loader_notes = loader_section(cfg, benches[0], model_rate)
+        loader_rows, loader_notes = loader_section(cfg, benches[0], bare_rates[modes[0].name])
     op_rows, op_notes = [], ["Attention op section skipped (op=false)."]
     if cfg.op:
         log.info("section 4/4: the attention op (%s) per input shape", attention)
@@ -719,7 +723,8 @@ def main(cfg: DictConfig) -> None:
     if loader_rows:
         print(
             f"\nLoaders: {cfg.data.name}'s train split, augmented, batch {cfg.batch_size}; multiples of the model's "
-            f"train img/s ({model_rate:,.0f}: {model_name} + {attention}, {modes[0].name}, the bare loop above).\n"
+            f"train img/s ({model_rate:,.0f}: {model_name} + {attention}, {modes[0].name}, the bare loop above), "
+            "repeat by repeat: median [range].\n"
         )
         print(markdown_table(formatted(loader_rows), LOADER_COLUMNS))
     for note in loader_notes:
@@ -744,7 +749,7 @@ def main(cfg: DictConfig) -> None:
         write_csv(out / "variants.csv", csv_rows(variant_rows), VARIANT_COLUMNS)
         write_csv(out / "step.csv", csv_rows(step_rows), STEP_COLUMNS)
         if loader_rows:
-            write_csv(out / "loader.csv", loader_rows, LOADER_COLUMNS)
+            write_csv(out / "loader.csv", csv_rows(loader_rows), LOADER_COLUMNS)
         if op_rows:
             write_csv(out / "op.csv", csv_rows(op_rows), OP_COLUMNS)
         log.info("CSV written to %s", out)
