@@ -187,7 +187,8 @@ class Ratio:
         return cls(statistics.median(r), min(r), max(r), tuple(r))
 
     def __str__(self) -> str:
-        return f"{self.median:.3f} [{self.low:.3f}–{self.high:.3f}]"
+        digits = 3 if self.median < 10 else 1  # ratios near the targets to 0.001; the loader's 300x to 0.1
+        return f"{self.median:.{digits}f} [{self.low:.{digits}f}–{self.high:.{digits}f}]"
 
     def verdict(self, target: float) -> str:
         met = sum(r >= target for r in self.per_repeat)
