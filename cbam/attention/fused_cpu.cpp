@@ -535,7 +535,8 @@ void channel_backward_mlp(const Acc* d_mc, const Params<Acc>& w, const Saved<Acc
     if (grads.b2[m]) for (int c = 0; c < C; ++c) grads.b2[m][c] += dlogit[c];
     for (int c = 0; c < C; ++c) dpool[c] = 0;
     // Row by row of w2 (C, h): contiguous, so it vectorises over j, where a column walk read a cache line
-    // per element. Each dh[j] still sums over c in order: the same bits.
+    // per element. Each dh[j] still sums over c in order, but the compiler fuses its multiply-adds
+    // differently in the two loops: the last bits moved with this change.
     Acc* dh = t.hidden.data();
     for (int j = 0; j < h; ++j) dh[j] = 0;
     for (int c = 0; c < C; ++c) {
