@@ -187,13 +187,15 @@ class Ratio:
         return cls(statistics.median(r), min(r), max(r), tuple(r))
 
     def __str__(self) -> str:
-        digits = 3 if self.median < 10 else 1  # ratios near the targets to 0.001; the loader's 300x to 0.1
+        return self.text(3)
+
+    def text(self, digits: int) -> str:
         return f"{self.median:.{digits}f} [{self.low:.{digits}f}–{self.high:.{digits}f}]"
 
-    def verdict(self, target: float) -> str:
+    def verdict(self, target: float, digits: int = 3) -> str:
         met = sum(r >= target for r in self.per_repeat)
         mark = "✓" if self.median >= target else "✗"
-        return f"{self} {mark} ({met} of {len(self.per_repeat)} repeats at or above {target})"
+        return f"{self.text(digits)} {mark} ({met} of {len(self.per_repeat)} repeats at or above {target:g})"
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -614,9 +616,9 @@ def targets(benches: list[Bench], train_rates: dict, steps: list[dict], loaders:
     if memory is None:
         lines.append(f"{what}: n/a here (loader section skipped)")
     elif device.type != "cpu":
-        lines.append(f"{what}: n/a here (not a CPU; measured {memory})")
+        lines.append(f"{what}: n/a here (not a CPU; measured {memory.text(1)})")
     else:
-        lines.append(f"{what}: {memory.verdict(LOADER_TARGET)}")
+        lines.append(f"{what}: {memory.verdict(LOADER_TARGET, digits=1)}")
     return lines
 
 
@@ -636,7 +638,7 @@ def formatted(rows: list[dict]) -> list[dict]:
         if value is None:
             return "n/a¹" if "MiB" in column else "n/a"
         if isinstance(value, Ratio):
-            return str(value)
+            return value.text(1 if "x model" in column else 3)  # the loader's ~300x to 0.1, ratios near 1 to 0.001
         if not isinstance(value, float):
             return str(value)
         if "passes" in column:

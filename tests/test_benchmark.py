@@ -13,7 +13,7 @@ TOY = [
     "repeats=2", "loader_batches=2",
 ]  # fmt: skip
 RATIO = r"\d+\.\d{3} \[\d+\.\d{3}–\d+\.\d{3}\]"  # median [low–high] of the per-repeat ratios
-MULTIPLE = r"\d+\.\d+ \[\d+\.\d+–\d+\.\d+\]"  # the same, to 0.1 from 10 up (the loader's multiple of the model)
+MULTIPLE = r"\d+\.\d \[\d+\.\d–\d+\.\d\]"  # the same, to 0.1: the loader's multiple of the model's img/s
 
 
 def benchmark(*args: str, check: bool = True) -> subprocess.CompletedProcess:
