@@ -78,18 +78,28 @@ def test_paper_recipe_matches_the_released_code():
     ]
 
 
-def test_every_experiment_runs_in_debug_mode_with_the_joblib_launcher(tmp_path):
+@pytest.mark.parametrize(
+    "experiments",
+    [
+        # one of each backbone: a ResNet-50 job takes ~7 s of the default run's budget, every experiment ~50 s
+        ["ablation_fmnist", "paper_imagenet_resnet50"],
+        pytest.param(EXPERIMENTS, marks=pytest.mark.slow),
+    ],
+    ids=["one-per-backbone", "every-experiment"],
+)
+def test_experiments_run_in_debug_mode_with_the_joblib_launcher(tmp_path, experiments):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [
-            sys.executable, str(ROOT / "train.py"), "-m", "experiment=glob(*)", "debug=fast",
+            sys.executable, str(ROOT / "train.py"), "-m", f"experiment={','.join(experiments)}", "debug=fast",
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
-    assert len(summaries) == len(EXPERIMENTS)
+    ran = [o.removeprefix("experiment=") for s in summaries for o in s["overrides"] if o.startswith("experiment=")]
+    assert sorted(ran) == sorted(experiments)
     assert {s["model"] for s in summaries} == {"resnet20", "resnet50"}
     assert all(s["data"] == "synthetic" and s["epochs"] == 1 for s in summaries)
     # the CPU's own precision, whatever the recipe pins (a pinned bf16 is emulated on a CPU without it)
