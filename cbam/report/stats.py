@@ -178,12 +178,17 @@ def effect_size(test: Test, sd: float) -> float:
     return test.diff / sd if math.isfinite(sd) and sd > 0 else math.nan
 
 
+def within_margin(p_equiv_holm: float, alpha: float = ALPHA) -> bool:
+    """Whether two one-sided tests (Holm-adjusted) put the difference inside the margin."""
+    return math.isfinite(p_equiv_holm) and p_equiv_holm < alpha
+
+
 def verdict(test: Test | None, p_holm: float, p_equiv_holm: float, alpha: float = ALPHA) -> str:
     """better / worse (the Holm-adjusted p below alpha), equivalent (TOST, Holm-adjusted), else undecided."""
     if test is None or not math.isfinite(p_holm):
         return "undecided"
     if p_holm < alpha:
         return "better" if test.diff > 0 else "worse"
-    if math.isfinite(p_equiv_holm) and p_equiv_holm < alpha:
+    if within_margin(p_equiv_holm, alpha):
         return "equivalent"
     return "undecided"

@@ -192,9 +192,8 @@ def _verdict(v: Variant, margin: float) -> str:
     d = v.decision
     if d.verdict == "equivalent":
         return f"equivalent (±{margin:g})"
-    if d.verdict in ("better", "worse") and _finite(d.p_equivalence_holm) is not None:
-        if d.p_equivalence_holm < stats.ALPHA:  # a real difference, and one smaller than the margin
-            return f"{d.verdict}, within ±{margin:g}"
+    if d.verdict in ("better", "worse") and stats.within_margin(d.p_equivalence_holm):
+        return f"{d.verdict}, within ±{margin:g}"  # a real difference, and one smaller than the margin
     if d.verdict == "undecided":
         if d.seeds_needed:
             return f"undecided: {d.seeds_needed} seeds"
