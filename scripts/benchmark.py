@@ -180,22 +180,21 @@ class Ratio:
     low: float
     high: float
     per_repeat: tuple[float, ...]
+    digits: int = 3  # ratios near the targets to 0.001; the loader's multiple of the model (~300x) to 0.1
 
     @classmethod
-    def of(cls, values: list[float], bases: list[float]) -> "Ratio":
+    def of(cls, values: list[float], bases: list[float], digits: int = 3) -> "Ratio":
         r = repeat_ratios(values, bases)
-        return cls(statistics.median(r), min(r), max(r), tuple(r))
+        return cls(statistics.median(r), min(r), max(r), tuple(r), digits)
 
     def __str__(self) -> str:
-        return self.text(3)
+        d = self.digits
+        return f"{self.median:.{d}f} [{self.low:.{d}f}–{self.high:.{d}f}]"
 
-    def text(self, digits: int) -> str:
-        return f"{self.median:.{digits}f} [{self.low:.{digits}f}–{self.high:.{digits}f}]"
-
-    def verdict(self, target: float, digits: int = 3) -> str:
+    def verdict(self, target: float) -> str:
         met = sum(r >= target for r in self.per_repeat)
         mark = "✓" if self.median >= target else "✗"
-        return f"{self.text(digits)} {mark} ({met} of {len(self.per_repeat)} repeats at or above {target:g})"
+        return f"{self} {mark} ({met} of {len(self.per_repeat)} repeats at or above {target:g})"
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -447,7 +446,7 @@ def loader_section(cfg: DictConfig, bench: Bench, model_rates: list[float]) -> t
                 "workers": workers if kind == "torch" else "n/a",
                 "batches": n[kind, workers],
                 "img/s": rate,
-                "x model train img/s": Ratio.of(values, model_rates),
+                "x model train img/s": Ratio.of(values, model_rates, digits=1),
             }
         )
     return rows, notes
@@ -616,9 +615,9 @@ def targets(benches: list[Bench], train_rates: dict, steps: list[dict], loaders:
     if memory is None:
         lines.append(f"{what}: n/a here (loader section skipped)")
     elif device.type != "cpu":
-        lines.append(f"{what}: n/a here (not a CPU; measured {memory.text(1)})")
+        lines.append(f"{what}: n/a here (not a CPU; measured {memory})")
     else:
-        lines.append(f"{what}: {memory.verdict(LOADER_TARGET, digits=1)}")
+        lines.append(f"{what}: {memory.verdict(LOADER_TARGET)}")
     return lines
 
 
@@ -638,7 +637,7 @@ def formatted(rows: list[dict]) -> list[dict]:
         if value is None:
             return "n/a¹" if "MiB" in column else "n/a"
         if isinstance(value, Ratio):
-            return value.text(1 if "x model" in column else 3)  # the loader's ~300x to 0.1, ratios near 1 to 0.001
+            return str(value)
         if not isinstance(value, float):
             return str(value)
         if "passes" in column:
